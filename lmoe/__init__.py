@@ -1,0 +1,8 @@
+"""lmoe: mixtures of LoRA experts (L-MoE and family) for PyTorch and transformers."""
+
+from .config import LMoEConfig
+from .layer import LMoELinear, mixture
+from .model import LMoECausalLMOutput, LMoEModel, get_lmoe_model
+
+__version__ = "0.1.0"
+__all__ = ["LMoEConfig", "LMoELinear", "LMoEModel", "LMoECausalLMOutput", "get_lmoe_model", "mixture"]

@@ -1,0 +1,116 @@
+"""LMoELinear: a frozen Linear plus a per-token mixture of N LoRA experts.
+
+    y = W0 x + b + s * dW(x) x,        s = alpha / r,   g = gate(W_g x) in float32
+
+    delta:  dW = sum_i g_i B_i A_i
+    factor: dW = (sum_i g_i B_i) (sum_i g_i A_i)      (has the cross terms B_i A_j)
+
+Both are two GEMMs over the stacked experts (A as (N*r, d_in), B as (d_out, N*r)) and one
+elementwise product on the (T, N*r) activation; there is no Python loop over experts and no
+per-token d_out x d_in matrix:
+
+    h = x A^T                              # (T, N*r): every expert's A_i x at once
+    delta:  z_i = s g_i h_i                # scale each rank-r block by its gate
+    factor: u = sum_i g_i h_i;  z_i = s g_i u
+    y_delta = z B^T                        # (T, d_out)
+
+Non-obvious choices:
+* ``lora_B`` is exposed with shape (N, d_out, r) but *stored* as (d_out, N, r) (a permuted view),
+  so that ``B.permute(1, 0, 2).reshape(d_out, N*r)`` is a free view and no forward re-lays out the
+  weights. Optimizers, ``state_dict`` and ``load_state_dict`` keep that layout; if someone replaces the
+  tensor, ``reshape`` silently copies and the result is unchanged.
+* The router runs in float32 with autocast disabled; the experts run in the model dtype.
+* The base layer is called, never re-implemented, so any Linear subclass (quantised ones too) works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LMoEConfig
+from .routing import route
+
+
+def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
+            composition: str = "delta") -> torch.Tensor:
+    """The mixture update ``s * dW(x) x`` for flat inputs.
+
+    x: (T, d_in); A: (N*r, d_in); B: (d_out, N*r); gates: (T, N) in x's dtype. Returns (T, d_out).
+    """
+    t, n = gates.shape
+    h = (x @ A.t()).view(t, n, -1)  # (T, N, r)
+    g = (gates * scaling).unsqueeze(-1)  # (T, N, 1)
+    if composition == "delta":
+        z = h * g  # (T, N, r)
+    elif composition == "factor":
+        u = (h * gates.unsqueeze(-1)).sum(dim=1, keepdim=True)  # (T, 1, r) = (sum_j g_j A_j) x
+        z = g * u  # (T, N, r)
+    else:
+        raise ValueError(f"unknown composition {composition!r}")
+    return z.reshape(t, -1) @ B.t()  # (T, d_out)
+
+
+class LMoELinear(nn.Module):
+    """Wraps ``base_layer`` (kept, frozen, and called as is) with an L-MoE adapter."""
+
+    def __init__(self, base_layer: nn.Module, config: LMoEConfig, num_experts: int | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_experts = n = num_experts or config.num_experts
+        self.rank = r = config.rank
+        self.scaling = config.scaling
+        self.disabled = False
+        w = getattr(base_layer, "weight", None)
+        device = w.device if w is not None else None
+        dtype = w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))
+        # (N, d_out, r) stored as (d_out, N, r): see the module docstring.
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, n, r, device=device, dtype=dtype).permute(1, 0, 2))
+        self.router = nn.Linear(self.in_features, n, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, gates), overwritten
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # A like nn.Linear (fan_in = d_in for each expert), B = 0: the wrapped model starts equal to the base.
+        nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
+        self.lora_B.zero_()
+        self.router.reset_parameters()
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, N) float32 logits of the gate for flat input x (T, d_in)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        flat = x.reshape(-1, self.in_features)  # (T, d_in)
+        logits = self.router_logits(flat)  # (T, N) float32
+        gates = route(logits, self.config.router, self.config.top_k)
+        self.last_routing = (logits, gates)
+        A = self.lora_A.view(-1, self.in_features)  # (N*r, d_in), a view
+        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, N*r), a view
+        xd = self.dropout(flat)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)  # the GEMMs run in it
+        else:
+            dtype = A.dtype
+            xd = xd.to(dtype)  # no-op unless the base runs in another dtype (e.g. a quantised base)
+        delta = mixture(xd, A, B, gates.to(dtype), self.scaling, self.config.composition)
+        return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"rank={self.rank}, router={c.router}{f'(k={c.top_k})' if c.router == 'topk' else ''}, "
+                f"composition={c.composition}, scaling={self.scaling:g}")

@@ -1,0 +1,304 @@
+"""LMoEModel: inject L-MoE layers into any module, add the routing losses, save and load adapters.
+
+* Injection follows PEFT: a string target is a regex full-matched on the module path, a list matches
+  exact paths or ``.suffix``; only ``nn.Linear`` (and subclasses) are wrapped; nothing matched is an
+  error that lists the Linear modules that exist.
+* ``forward`` passes through to the wrapped model. With ``labels`` and a causal-LM output it returns an
+  ``LMoECausalLMOutput`` whose ``loss`` is ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss``;
+  the routing losses are computed once per forward from each layer's last routing, with padding
+  masked by ``attention_mask``.
+* An adapter is a directory with ``adapter_config.json`` and ONE ``adapter_model.safetensors`` whose keys
+  are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` relative to the base model. Loading is
+  strict and never unpickles anything. Files are written atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import LMoEConfig
+from .layer import LMoELinear
+from .routing import load_balancing_loss, routing_sums, z_loss
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_KEYS = ("lora_A", "lora_B", "router.weight")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LMoECausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the routing losses (declared fields, so DDP can rebuild it)."""
+
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+
+
+def _matches(name: str, target: str | list[str]) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def get_lmoe_model(model: nn.Module, config: LMoEConfig) -> "LMoEModel":
+    """Freeze ``model`` and wrap every matched Linear in an ``LMoELinear``."""
+    return LMoEModel(model, config)
+
+
+class LMoEModel(nn.Module):
+    # Trainer: do not pass num_items_in_batch into forward; it averages our joint loss over accumulation.
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: nn.Module, config: LMoEConfig):
+        super().__init__()
+        if not isinstance(config, LMoEConfig):
+            raise TypeError(f"config must be an LMoEConfig, got {type(config).__name__}")
+        if any(isinstance(m, LMoELinear) for m in model.modules()):
+            raise ValueError("model already holds LMoELinear layers; wrap the original base model")
+        self.base_model = model
+        self.lmoe_config = config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+        chosen = [n for n in linears if _matches(n, config.target_modules)]
+        if not chosen:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            shown = ", ".join(linears[:12]) + (f", ... ({len(linears)} in all)" if len(linears) > 12 else "")
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no Linear module. "
+                f"Linear modules: {shown or 'none'}; their names end in: {', '.join(suffixes) or 'none'}")
+        for name in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LMoELinear(getattr(parent, child), config))
+        self._layers = {n: m for n, m in model.named_modules() if isinstance(m, LMoELinear)}  # plain dict
+        self._accumulate = False
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------- plumbing
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def lmoe_layers(self) -> dict[str, LMoELinear]:
+        """Adapted layers by module path relative to the base model."""
+        return self._layers
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.num_parameters_split()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def num_parameters_split(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the plain base model inside this context."""
+        layers = self.lmoe_layers().values()
+        for m in layers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.disabled = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        # Non-reentrant checkpointing works with a frozen embedding (no input-requires-grad hack needed).
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The base model's ``generate``: routing is per token, so its KV cache stays valid."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # ---------------------------------------------------------------- forward and losses
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        for m in self.lmoe_layers().values():
+            m.last_routing = None
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        track = self._accumulate
+        if labels is None and not track:
+            return out
+        aux, z = self.routing_losses(attention_mask, accumulate=track)
+        if labels is None or getattr(out, "loss", None) is None or aux is None:
+            return out
+        c = self.lmoe_config
+        loss = out.loss + c.aux_loss_coef * aux + (c.z_loss_coef * z if c.z_loss_coef else 0.0)
+        if isinstance(out, CausalLMOutputWithPast):
+            return LMoECausalLMOutput(loss=loss, lm_loss=out.loss, aux_loss=aux, z_loss=z, logits=out.logits,
+                                      past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)
+        out["loss"] = loss
+        return out
+
+    def routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False):
+        """(balance loss, z-loss), each averaged over the adapted layers, from the last forward."""
+        bal, zs = [], []
+        for name, m in self.lmoe_layers().items():
+            if m.last_routing is None:
+                continue
+            logits, gates = m.last_routing
+            mask = _token_mask(attention_mask, logits.shape[0])
+            k = self.lmoe_config.top_k if self.lmoe_config.router == "topk" else 1
+            bal.append(load_balancing_loss(logits, k, mask))
+            zs.append(z_loss(logits, mask))
+            if accumulate:
+                sums = routing_sums(logits, gates, k, mask)
+                acc = self._sums.setdefault(name, {k_: torch.zeros_like(v) for k_, v in sums.items()})
+                for k_, v in sums.items():
+                    acc[k_] += v
+        if not bal:
+            return None, None
+        return torch.stack(bal).mean(), torch.stack(zs).mean()
+
+    # ---------------------------------------------------------------- routing statistics
+    def track_routing(self, enabled: bool = True) -> None:
+        """Accumulate routing statistics over every following forward (e.g. an eval pass); resets them."""
+        self._accumulate = enabled
+        self._sums = {}
+
+    def routing_stats(self) -> dict[str, dict]:
+        """Per layer: ``load`` (share of tokens dispatched to each expert), ``mean_gate``, ``entropy``
+        (mean normalised gate entropy in [0, 1]) and ``tokens``. Accumulated since ``track_routing()``
+        if tracking, else from the last forward (padding is not masked there)."""
+        sums = self._sums
+        if not self._accumulate or not sums:
+            k = self.lmoe_config.top_k if self.lmoe_config.router == "topk" else 1
+            sums = {n: routing_sums(*m.last_routing, k) for n, m in self.lmoe_layers().items()
+                    if m.last_routing is not None}
+        stats = {}
+        for name, s in sums.items():
+            t = max(float(s["tokens"]), 1.0)
+            stats[name] = {"load": (s["load"] / t).tolist(), "mean_gate": (s["gate"] / t).tolist(),
+                           "entropy": float(s["entropy"]) / t, "tokens": int(s["tokens"])}
+        return stats
+
+    # ---------------------------------------------------------------- save / load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {}
+        for name, m in self.lmoe_layers().items():
+            sd[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
+            sd[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
+            sd[f"{name}.router.weight"] = m.router.weight.detach().contiguous()
+        return sd
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored) -> None:
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        base = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+        meta = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base,
+                "config": self.lmoe_config.to_dict()}
+        sd = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
+        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt", "lmoe": "1"}))
+        _atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike,
+                        is_trainable: bool = False) -> "LMoEModel":
+        """Wrap ``model`` with the adapter saved in ``adapter_dir`` (strict; safetensors only)."""
+        config = load_adapter_config(adapter_dir)
+        wrapped = cls(model, config)
+        wrapped.load_adapter_weights(adapter_dir)
+        for n, p in wrapped.named_parameters():
+            if p.requires_grad:
+                p.requires_grad_(is_trainable)
+        return wrapped.eval()
+
+    def load_adapter_weights(self, adapter_dir: str | os.PathLike) -> None:
+        path = Path(adapter_dir) / WEIGHTS_NAME
+        sd = read_adapter_weights(adapter_dir)
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match this model and config: "
+                             f"{len(missing)} missing key(s) {_few(missing)}, "
+                             f"{len(unexpected)} unexpected key(s) {_few(unexpected)}")
+        bad = [f"{k}: saved {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+               if sd[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"{path}: shape mismatch for {len(bad)} tensor(s): {_few(bad)}")
+        params = {}
+        for name, m in self.lmoe_layers().items():
+            params.update({f"{name}.lora_A": m.lora_A, f"{name}.lora_B": m.lora_B,
+                           f"{name}.router.weight": m.router.weight})
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(sd[k])  # copy_ keeps the parameter's dtype, device and storage layout
+
+
+def load_adapter_config(adapter_dir: str | os.PathLike) -> LMoEConfig:
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory '{d}' does not exist")
+    p = d / CONFIG_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"'{d}' is not an lmoe adapter: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(p.read_text())
+        return LMoEConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a valid lmoe adapter config ({type(e).__name__}: {e})") from None
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    d = Path(adapter_dir)
+    p = d / WEIGHTS_NAME
+    if not p.is_file():
+        pickles = [q.name for q in d.glob("*") if q.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        hint = f"; refusing to load pickle file(s) {', '.join(sorted(pickles))} (safetensors only)" if pickles else ""
+        raise FileNotFoundError(f"'{d}' has no {WEIGHTS_NAME}{hint}")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{p}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != num_tokens:
+        return None
+    return attention_mask.reshape(-1).bool()
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return "[" + ", ".join(items[:n]) + (", ..." if len(items) > n else "") + "]"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` to a temp file in the same directory, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
