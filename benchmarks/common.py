@@ -1,0 +1,120 @@
+"""Timing and memory helpers shared by the benchmarks.
+
+Non-obvious choices:
+* The host's speed drifts (up to ~3x within minutes on the shared 2-core CPU), so a number is only
+  meaningful as a *ratio* to another number taken in the same run. ``interleaved_times`` therefore runs
+  every candidate once per round, round-robin, rotating the starting candidate each round so none is
+  always first after the others; callers compare medians over rounds.
+* One sample is the mean of ``inner`` back-to-back calls (smooths scheduler jitter on a short call);
+  the median is then taken over rounds.
+* Activation memory is measured as the bytes autograd *saves for backward* (``saved_tensors_hooks``),
+  deduplicated by storage and excluding anything that lives in a parameter (weights are not
+  activations). It is deterministic, unlike peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, inner: int = 1,
+                      progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn: ``{name: [one sample per round]}``, fns run round-robin each round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection inside one sample would be charged to whichever fn ran then
+    try:
+        for rnd in range(repeats):
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / inner)
+            gc.collect()
+            if progress is not None:
+                progress(rnd)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def iqr(xs: Iterable[float]) -> tuple[float, float]:
+    """(25th, 75th) percentiles; with fewer than 4 samples, (min, max)."""
+    xs = sorted(xs)
+    if len(xs) < 4:
+        return xs[0], xs[-1]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> dict[str, int]:
+    """Bytes autograd saves for backward while ``fn()`` runs (the forward), counted once per storage.
+
+    ``exclude``: tensors whose storages are not counted (the parameters, frozen or not). Returns
+    ``{"bytes": total, "tensors": how many distinct storages}``. The graph built by ``fn`` is dropped.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return {"bytes": sum(seen.values()), "tensors": len(seen)}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, object]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A GitHub markdown table; numbers are printed as given (format them before)."""
+    cells = [[str(c) for c in row] for row in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])

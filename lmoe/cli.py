@@ -1,0 +1,331 @@
+"""The ``lmoe`` command line: ``train``, ``eval``, ``generate``.
+
+A thin layer over the library. ``lmoe`` with no arguments (or ``lmoe train`` with neither ``--model`` nor
+``--data``) runs the embedded demo: SmolLM2-135M on the bundled five-task mix, a short training run, an
+evaluation on a slice of the test sets and one generation. Flags override values from ``--config FILE.yaml``
+(keys are the flags' names with underscores). Errors a user can cause are printed as one line
+``lmoe: error: ...`` with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Train-flag defaults, and the demo's (used when neither --model nor --data is given and the flag is unset).
+TRAIN_DEFAULTS = {"max_steps": 200, "batch_size": 8, "seq_len": 512, "eval_limit": 0}
+DEMO = {"max_steps": 30, "batch_size": 4, "seq_len": 256, "eval_limit": 8}
+_REGEX_CHARS = set(".*()[]|^$+?\\")
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="smollm2-135m (default), a HF model id or folder, or a .gguf file")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="jsonl files or folders (default: the bundled five-task mix)")
+    p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per example (prompt cut from the left)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmoe", description="Mixtures of LoRA experts: train, evaluate, generate.")
+    sub = parser.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train an L-MoE adapter (Trainer under the hood)")
+    t.add_argument("--config", default=None, help="YAML file of defaults; flags override it")
+    _add_model_args(t)
+    t.add_argument("--output-dir", default=None, help="where checkpoints and the final adapter go")
+    t.add_argument("--max-steps", type=int, default=None, help="default 200 (demo: 30)")
+    t.add_argument("--num-experts", type=int, default=8)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--composition", default="delta", help="delta | factor")
+    t.add_argument("--router", default="softmax", help="softmax | topk")
+    t.add_argument("--top-k", type=int, default=2)
+    t.add_argument("--aux-loss-coef", type=float, default=1e-2)
+    t.add_argument("--z-loss-coef", type=float, default=0.0)
+    t.add_argument("--target-modules", nargs="+", default=None,
+                   help="module names/suffixes, or one regex (default: the 7 Llama projections)")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr-scheduler", default="cosine", help="any transformers scheduler name")
+    t.add_argument("--warmup-ratio", type=float, default=0.05)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mix", default="proportional", help="proportional | uniform task mixing")
+    t.add_argument("--loss-on", default="answer", help="answer (default) | all tokens")
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every K steps (0: only the final adapter)")
+    t.add_argument("--eval-steps", type=int, default=0, help="validation loss every K steps (0: never)")
+    t.add_argument("--val-per-task", type=int, default=16, help="validation examples carved from train per task")
+    t.add_argument("--eval-limit", type=int, default=None,
+                   help="after training, evaluate on the first N test examples per task (default 0: skip; demo: 8)")
+    t.add_argument("--logging-steps", type=int, default=5)
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU; very slow on most CPUs)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--overwrite-output-dir", action="store_true", help="replace a finished run in --output-dir")
+    t.add_argument("--report-to", default="none", help="none | tensorboard | wandb ... (log.csv is always written)")
+    t.set_defaults(seq_len=None, batch_size=None)  # filled from TRAIN_DEFAULTS or DEMO
+
+    e = sub.add_parser("eval", help="per-task test loss / perplexity / accuracy")
+    _add_model_args(e)
+    e.add_argument("--adapter", default=None, help="adapter folder (omit to evaluate the base model)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    e.add_argument("--output", default=None, help="JSON path (default: <adapter>/eval.json or ./eval.json)")
+
+    g = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
+    g.add_argument("--model", default=None)
+    g.add_argument("--adapter", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "train":
+            args = _apply_yaml(parser, argv, args)
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_generate(args)
+    except UsageError as e:
+        print(f"lmoe: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FloatingPointError, PermissionError) as e:
+        print(f"lmoe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    if not args.config:
+        return args
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise UsageError(f"config file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of option names to values")
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # the 'train' sub-parser
+    known = {a.dest for a in train_parser._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known - {"config"})
+    if unknown:
+        raise UsageError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    train_parser.set_defaults(**values)
+    return parser.parse_args(argv)  # flags given on the command line win over the YAML values
+
+
+def _lmoe_config(args):
+    from .config import LMoEConfig
+
+    kw = dict(num_experts=args.num_experts, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+              router=args.router, top_k=args.top_k, composition=args.composition,
+              aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
+    if args.target_modules:
+        tm = args.target_modules
+        kw["target_modules"] = tm[0] if len(tm) == 1 and set(tm[0]) & _REGEX_CHARS else list(tm)
+    return LMoEConfig(**kw)
+
+
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        v = getattr(args, name)
+        if v is None or v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _finished_run(out: Path) -> bool:
+    return (out / "adapter_config.json").is_file() and (out / "train_summary.json").is_file()
+
+
+def _latest_checkpoint(out: Path) -> str | None:
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def cmd_train(args) -> int:
+    demo = args.model is None and args.data is None
+    for k, v in (DEMO if demo else TRAIN_DEFAULTS).items():  # the demo is short enough for a 2-core CPU
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    _check_positive(args, "max_steps", "batch_size", "grad_accum", "seq_len")
+    config = _lmoe_config(args)  # validates before anything slow happens
+    if args.mix not in ("proportional", "uniform"):
+        raise UsageError(f"--mix must be proportional or uniform, got {args.mix!r}")
+    if args.loss_on not in ("answer", "all"):
+        raise UsageError(f"--loss-on must be answer or all, got {args.loss_on!r}")
+    out = Path(args.output_dir or f"runs/lmoe-{time.strftime('%Y%m%d-%H%M%S')}")
+    resume_from = None
+    if args.resume:
+        resume_from = _latest_checkpoint(out)
+        if resume_from is None:
+            raise UsageError(f"--resume: no checkpoint-* folder in '{out}'")
+    elif _finished_run(out) and not args.overwrite_output_dir:
+        raise UsageError(f"'{out}' already holds a finished run; pass --resume to continue it or "
+                         f"--overwrite-output-dir to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples, split_validation
+    from .model import get_lmoe_model
+    from .models import load_model
+    from .train import CSVLogger, LMoETrainer, NonFiniteLossStop
+
+    set_seed(args.seed)
+    examples = load_examples(args.data or [BUNDLED_DATA], split="train")
+    val = []
+    if args.eval_steps:
+        examples, val = split_validation(examples, args.val_per_task, seed=args.seed)
+    print(f"lmoe: loading model {args.model or 'smollm2-135m'}", file=sys.stderr)
+    model, tokenizer = load_model(args.model or "smollm2-135m")
+    set_seed(args.seed)
+    lmoe_model = get_lmoe_model(model, config)
+    lmoe_model.print_trainable_parameters()
+    train_ds, stats = build_dataset(tokenizer, examples, args.seq_len, mix=args.mix, seed=args.seed,
+                                    loss_on=args.loss_on)
+    _print_data_stats(stats)
+    eval_ds = build_dataset(tokenizer, val, args.seq_len, seed=args.seed, loss_on=args.loss_on)[0] if val else None
+
+    targs = TrainingArguments(
+        output_dir=str(out), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_ratio,  # < 1: a ratio
+        weight_decay=args.weight_decay, seed=args.seed, data_seed=args.seed,
+        logging_steps=args.logging_steps, save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500, eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=args.eval_steps or None, remove_unused_columns=False, report_to=args.report_to,
+        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
+    )
+    trainer = LMoETrainer(model=lmoe_model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=DataCollator(tokenizer.pad_token_id),
+                          callbacks=[CSVLogger(out / "log.csv"), NonFiniteLossStop()])
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.time() - t0
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return 0
+    trainable, total = lmoe_model.num_parameters_split()
+    summary = {"model": args.model or "smollm2-135m", "lmoe_config": config.to_dict(),
+               "args": {k: v for k, v in vars(args).items() if k != "command"},
+               "trainable_params": trainable, "total_params": total, "data": stats,
+               "train_loss": result.training_loss, "train_wall_s": round(wall, 1),
+               "train_tokens": int(trainer.state.num_input_tokens_seen)}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"lmoe: adapter saved to {out}/ (adapter_config.json, adapter_model.safetensors); log: {out}/log.csv")
+
+    if args.eval_limit:
+        _evaluate_and_report(lmoe_model, tokenizer, args.data, args.seq_len, args.batch_size, args.eval_limit,
+                             out / "eval.json")
+    if demo:
+        prompt = "Question: Which gas do plants absorb from the air?\nAnswer:"
+        print(f"\nlmoe: sample generation\n> {prompt}\n{_generate(lmoe_model, tokenizer, prompt, 32, False)}")
+        print(f"\nlmoe: demo finished; outputs in {out}/")
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / ".lmoe-write-test"
+    try:
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output directory '{out}' is not writable: {e.strerror}") from None
+
+
+def _print_data_stats(stats: dict) -> None:
+    parts = [f"{t}: {n} examples ({stats['truncated'][t]} truncated)" for t, n in stats["count"].items()]
+    print("lmoe: training data: " + "; ".join(parts), file=sys.stderr)
+
+
+def _evaluate_and_report(model, tokenizer, data, seq_len, batch_size, limit, out_path, split="test"):
+    from .dataset import BUNDLED_DATA, load_examples
+    from .evaluate import evaluate, format_table, save_results
+
+    examples = load_examples(data or [BUNDLED_DATA], split=split)
+    results = evaluate(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size, limit=limit)
+    print(format_table(results))
+    save_results(results, out_path)
+    print(f"lmoe: evaluation written to {out_path}")
+    return results
+
+
+def _load(model_name, adapter):
+    from .model import LMoEModel
+    from .models import load_model
+
+    model, tokenizer = load_model(model_name or "smollm2-135m")
+    if adapter:
+        model = LMoEModel.from_pretrained(model, adapter)
+    return model, tokenizer
+
+
+def cmd_eval(args) -> int:
+    _check_positive(args, "batch_size", "seq_len")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.adapter:  # fail on a bad adapter before the (slow) model load
+        from .model import load_adapter_config
+        load_adapter_config(args.adapter)
+    model, tokenizer = _load(args.model, args.adapter)
+    out = Path(args.output) if args.output else Path(args.adapter or ".") / "eval.json"
+    _evaluate_and_report(model, tokenizer, args.data, args.seq_len, args.batch_size, args.limit, out, args.split)
+    return 0
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool) -> str:
+    import torch
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args) -> int:
+    _check_positive(args, "max_new_tokens")
+    if args.adapter:
+        from .model import load_adapter_config
+        load_adapter_config(args.adapter)
+    model, tokenizer = _load(args.model, args.adapter)
+    print(_generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat_template))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
