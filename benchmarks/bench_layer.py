@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_times, iqr, machine_info, markdown_table, median, saved_tensor_bytes  # noqa: E402
 
 from lmoe import LMoEConfig, LMoELinear  # noqa: E402
+from lmoe.routing import route  # noqa: E402
 
 SMOLLM2_SHAPES = ((576, 576), (576, 1536), (1536, 576))  # q/o, gate/up, down of SmolLM2-135M
 ALPHA = 16.0
@@ -111,6 +112,37 @@ def make_lmoe(base: nn.Module, A: torch.Tensor, B: torch.Tensor, Wg: torch.Tenso
     return layer
 
 
+class ProtoLMoE(nn.Module):
+    """A proposed forward for ``LMoELinear`` (same parameters, same math), measured beside it.
+
+    * ``addmm``: the expert output is accumulated onto the base output by the B GEMM itself
+      (``addmm(y, z, B^T)``) instead of a separate ``y + delta`` pass over (T, d_out).
+    * ``fused`` (also addmm): when the router and the experts share a dtype (fp32 training), the router
+      rows are appended to A so ``x [A; W_g]^T`` is one GEMM: two fewer skinny GEMMs in backward and one
+      fewer gradient path into x (one fewer (T, d_in) add).
+    """
+
+    def __init__(self, layer: LMoELinear, fused: bool):
+        super().__init__()
+        self.layer, self.fused = layer, fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.layer
+        n, r, d_in, d_out = L.num_experts, L.rank, L.in_features, L.out_features
+        y = L.base_layer(x)
+        flat = x.reshape(-1, d_in)  # (T, d_in)
+        A = L.lora_A.view(n * r, d_in)  # (N*r, d_in)
+        if self.fused:
+            hl = flat @ torch.cat([A, L.router.weight]).t()  # (T, N*r + N)
+            h, logits = hl[:, : n * r], hl[:, n * r:]  # views, row stride N*r + N
+        else:
+            logits, h = L.router_logits(flat), flat @ A.t()
+        gates = route(logits, L.config.router, L.config.top_k)  # (T, N)
+        z = h.view(-1, n, r) * (gates * L.scaling).unsqueeze(-1)  # (T, N, r)
+        B = L.lora_B.permute(1, 0, 2).reshape(d_out, n * r)  # (d_out, N*r), a view
+        return torch.addmm(y.view(-1, d_out), z.view(-1, n * r), B.t()).view(*x.shape[:-1], d_out)
+
+
 # ---------------------------------------------------------------- building and checking one shape
 @dataclass
 class Variant:
@@ -136,9 +168,11 @@ def lora_of(base: nn.Module, A: torch.Tensor, B: torch.Tensor, rank_scale: int) 
 
 
 def build_variants(d_in: int, d_out: int, configs: list[tuple[int, int]], seed: int, primary_extras: bool = True,
+                   proto: bool = True,
                    kinds: tuple[str, ...] = ("lmoe-delta", "lmoe-factor", "lmoe-top2", "loop", "lora")) -> list[Variant]:
     """Variants for each (N, r) in ``configs``. The first config is the primary one: it has no name suffix
-    and (with ``primary_extras``) also gets ``einsum-TNout`` and ``lora-<r>``."""
+    and (with ``primary_extras``) also gets ``einsum-TNout``, ``lora-<r>`` and (with ``proto``) the two
+    ``ProtoLMoE`` forwards."""
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(d_in, d_out, bias=False)
     with torch.no_grad():
@@ -160,6 +194,9 @@ def build_variants(d_in: int, d_out: int, configs: list[tuple[int, int]], seed: 
             out.append(Variant("loop" + sfx, "loop", n, r, LoopMoE(base, A, B, Wg, s)))
         if j == 0 and primary_extras:
             out.append(Variant("einsum-TNout", "einsum", n, r, EinsumTNout(base, A, B, Wg, s)))
+            if proto:
+                out.append(Variant("proto-addmm", "proto", n, r, ProtoLMoE(make_lmoe(base, A, B, Wg), fused=False)))
+                out.append(Variant("proto-fused", "proto", n, r, ProtoLMoE(make_lmoe(base, A, B, Wg), fused=True)))
         if "lora" in kinds and n * r not in lora_ranks:
             lora_ranks.add(n * r)
             out.append(Variant(f"lora-{n * r}", "lora", 1, n * r, lora_of(base, A, B, r)))
@@ -173,7 +210,7 @@ def check_equivalence(variants: list[Variant], x: torch.Tensor) -> None:
     """Same (N, r) => lmoe-delta, loop and einsum-TNout must give the same output (and gradients of x)."""
     groups: dict[tuple[int, int], list[Variant]] = {}
     for v in variants:
-        if v.kind in ("lmoe-delta", "loop", "einsum"):
+        if v.kind in ("lmoe-delta", "loop", "einsum", "proto"):
             groups.setdefault((v.n, v.r), []).append(v)
     for (n, r), vs in groups.items():
         ref = None
@@ -205,7 +242,7 @@ def make_step(module: nn.Module, x: torch.Tensor, R: torch.Tensor):
 
 
 def measure(variants: list[Variant], d_in: int, d_out: int, tokens: int, repeats: int, warmup: int, inner: int,
-            seed: int, label: str) -> None:
+            seed: int, label: str, clock: str = "cpu") -> None:
     """Fill ``v.result`` with timing samples (ms) and saved-activation bytes, all variants interleaved."""
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, d_in, generator=gen).requires_grad_(True)
@@ -224,8 +261,10 @@ def measure(variants: list[Variant], d_in: int, d_out: int, tokens: int, repeats
 
     times = interleaved_times(fns, repeats=repeats, warmup=warmup, inner=inner, progress=progress)
     for v in variants:
-        ms = [t * 1e3 for t in times[v.name]]
-        v.result.update(samples_ms=ms, median_ms=median(ms), iqr_ms=iqr(ms))
+        wall, cpu = ([t * 1e3 for t in times[v.name][c]] for c in ("wall", "cpu"))
+        ms = cpu if clock == "cpu" else wall
+        v.result.update(clock=clock, samples_ms=ms, median_ms=median(ms), iqr_ms=iqr(ms), samples_wall_ms=wall,
+                        samples_cpu_ms=cpu, median_wall_ms=median(wall), median_cpu_ms=median(cpu))
 
 
 def paired_ratio(a: Variant, b: Variant) -> float:
@@ -327,7 +366,7 @@ def plot(vs: list[Variant], r: int, path: str, title: str) -> None:
         hi = [v.result["iqr_ms"][1] - v.result["median_ms"] for v in row]
         ax.errorbar(ns, med, yerr=[lo, hi], marker=mk, capsize=3, label=label)
     ax.set_xlabel("N (experts)")
-    ax.set_ylabel("fwd+bwd ms (median, IQR bars)")
+    ax.set_ylabel(f"fwd+bwd ms, {vs[0].result['clock']} time (median, IQR bars)")
     ax.set_xticks(ns)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
@@ -375,7 +414,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=15, help="rounds (samples per variant); the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--inner", type=int, default=2, help="steps per sample (the sample is their mean)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default); 1 keeps the numbers steady on a shared machine")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="what the tables report: process CPU time or wall time (auto: cpu with 1 thread, else wall)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also sweep N x r on one shape: lmoe-delta, lora(N·r), loop")
     p.add_argument("--sweep-n", type=int, nargs="+", default=[4, 8, 16])
@@ -384,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep-repeats", type=int, default=0, help="rounds for the sweep (0: --repeats)")
     p.add_argument("--plot", metavar="PATH.png", help="plot step time vs N at r=8 (implies --sweep)")
     p.add_argument("--skip-main", action="store_true", help="only the sweep")
+    p.add_argument("--no-proto", action="store_true", help="leave out the proposed forwards (proto-*)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables for lmoe-delta and the lora floor")
     p.add_argument("--json", metavar="PATH", help="write every number (samples included) to this JSON file")
     args = p.parse_args(argv)
@@ -391,13 +434,15 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.plot:
         args.sweep = True
+    if args.clock == "auto":
+        args.clock = "cpu" if torch.get_num_threads() == 1 else "wall"
     torch.manual_seed(args.seed)
 
     info = machine_info()
     print(f"# bench_layer: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
           f"{info['date']}")
     print(f"# T={args.tokens}, fp32, repeats={args.repeats} x inner={args.inner}, warmup={args.warmup}, "
-          f"N={args.n}, r={args.r}")
+          f"N={args.n}, r={args.r}, clock={args.clock} (ms per fwd+bwd step)")
     report: dict = {"machine": info, "args": {k: v for k, v in vars(args).items()}, "shapes": {}, "targets": [], "sweep": {}}
     configs = [(args.n[0], args.r[0])] + [(n, r) for n in args.n for r in args.r if (n, r) != (args.n[0], args.r[0])]
 
@@ -405,8 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_main:
         for d_in, d_out in args.shapes:
             key = f"{d_in}->{d_out}"
-            vs = build_variants(d_in, d_out, configs, args.seed)
-            measure(vs, d_in, d_out, args.tokens, args.repeats, args.warmup, args.inner, args.seed, key)
+            vs = build_variants(d_in, d_out, configs, args.seed, proto=not args.no_proto)
+            measure(vs, d_in, d_out, args.tokens, args.repeats, args.warmup, args.inner, args.seed, key, args.clock)
             per_shape[key] = vs
             floor = next(v for v in vs if v.name == f"lora-{configs[0][0] * configs[0][1]}")
             print(f"\n## {key}, T={args.tokens}\n")
@@ -428,14 +473,14 @@ def main(argv: list[str] | None = None) -> dict:
             vs = build_variants(d_in, d_out, cfgs, args.seed + 7, primary_extras=False,
                                 kinds=("lmoe-delta", "loop", "lora"))
             measure(vs, d_in, d_out, args.tokens, args.sweep_repeats or args.repeats, args.warmup, args.inner,
-                    args.seed, "sweep " + key)
+                    args.seed, "sweep " + key, args.clock)
             print(f"\n## Sweep {key}, T={args.tokens}\n")
             print(sweep_table(vs))
             report["sweep"][key] = [dict(name=v.name, kind=v.kind, n=v.n, r=v.r, **v.result) for v in vs]
             if args.plot:
                 r_plot = 8 if 8 in args.sweep_r else args.sweep_r[0]
                 plot(vs, r_plot, args.plot, f"one Linear {key}, T={args.tokens}, r={r_plot}, fp32 fwd+bwd, "
-                                            f"{info['cores']}-core CPU")
+                                            f"{torch.get_num_threads()} thread(s), {args.clock} time")
                 print(f"\nplot: {args.plot}")
 
     if args.json:

@@ -7,6 +7,12 @@ Non-obvious choices:
   always first after the others; callers compare medians over rounds.
 * One sample is the mean of ``inner`` back-to-back calls (smooths scheduler jitter on a short call);
   the median is then taken over rounds.
+* Each sample is taken on two clocks: wall time and this process's CPU time. The machine is shared:
+  when other jobs hold the cores, wall time counts the time this process sat descheduled, and with
+  several torch threads every parallel op waits at its barrier for the slowest thread (a 2-thread
+  step was seen 4x slower than a 1-thread one under load). With one torch thread the CPU time
+  excludes both effects and is the steadiest measure of the work a step does; with several threads
+  it also counts OpenMP spin-waiting, so use wall time there.
 * Activation memory is measured as the bytes autograd *saves for backward* (``saved_tensors_hooks``),
   deduplicated by storage and excluding anything that lives in a parameter (weights are not
   activations). It is deterministic, unlike peak RSS on CPU.
@@ -26,13 +32,14 @@ import torch
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, inner: int = 1,
-                      progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each fn: ``{name: [one sample per round]}``, fns run round-robin each round."""
+                      progress: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each fn, ``{name: {"wall": [...], "cpu": [...]}}`` with one sample per round;
+    the fns run round-robin in each round. ``cpu`` is this process's CPU time (all threads)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection inside one sample would be charged to whichever fn ran then
@@ -41,10 +48,12 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
             shift = rnd % len(names)
             for name in names[shift:] + names[:shift]:
                 fn = fns[name]
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(inner):
                     fn()
-                times[name].append((time.perf_counter() - t0) / inner)
+                c1, w1 = time.process_time(), time.perf_counter()
+                times[name]["wall"].append((w1 - w0) / inner)
+                times[name]["cpu"].append((c1 - c0) / inner)
             gc.collect()
             if progress is not None:
                 progress(rnd)

@@ -85,6 +85,13 @@ class LMoELinear(nn.Module):
         self.lora_B.zero_()
         self.router.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() / .double() convert everything; the gate stays float32.
+        super()._apply(fn, recurse)
+        if self.router.weight.dtype != torch.float32:
+            self.router.float()
+        return self
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, N) float32 logits of the gate for flat input x (T, d_in)."""
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -126,15 +126,28 @@ class LMoEModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def unload(self) -> nn.Module:
+        """Put the original Linear layers back and return the base model (adapter weights are dropped)."""
+        for name, layer in self.lmoe_layers().items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, layer.base_layer)
+        self._layers = {}
+        return self.base_model
+
     def generate(self, *args, **kwargs):
         """The base model's ``generate``: routing is per token, so its KV cache stays valid."""
         return self.base_model.generate(*args, **kwargs)
 
     # ---------------------------------------------------------------- forward and losses
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, *args, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        # Named arguments (not only **kwargs) so that Trainer's column filter keeps them; only those
+        # given are passed on, so a plain module called as model(x) works too.
         for m in self.lmoe_layers().values():
             m.last_routing = None
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        out = self.base_model(*args, **kwargs)
         track = self._accumulate
         if labels is None and not track:
             return out
@@ -217,7 +230,11 @@ class LMoEModel(nn.Module):
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (strict; safetensors only)."""
         config = load_adapter_config(adapter_dir)
         wrapped = cls(model, config)
-        wrapped.load_adapter_weights(adapter_dir)
+        try:
+            wrapped.load_adapter_weights(adapter_dir)
+        except BaseException:
+            wrapped.unload()  # leave the caller's model as it was
+            raise
         for n, p in wrapped.named_parameters():
             if p.requires_grad:
                 p.requires_grad_(is_trainable)
@@ -255,9 +272,14 @@ def load_adapter_config(adapter_dir: str | os.PathLike) -> LMoEConfig:
         raise FileNotFoundError(f"'{d}' is not an lmoe adapter: {CONFIG_NAME} is missing")
     try:
         meta = json.loads(p.read_text())
-        return LMoEConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        version = meta.get("format_version", FORMAT_VERSION)
+        config = LMoEConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{p}: not a valid lmoe adapter config ({type(e).__name__}: {e})") from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{p}: adapter format_version {version!r} is newer than this lmoe supports "
+                         f"({FORMAT_VERSION}); upgrade lmoe")
+    return config
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

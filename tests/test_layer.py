@@ -42,7 +42,7 @@ def loop_reference(x, W0, b, A, B, Wg, scaling, router, k, composition, gates=No
     for t in range(flat.shape[0]):
         xt = flat[t]
         if gates is None:
-            logits = Wg @ xt  # (N,)
+            logits = Wg.to(xt.dtype) @ xt  # (N,); the layer keeps W_g in float32
             if router == "softmax":
                 keep = list(range(n))
             else:
@@ -331,3 +331,12 @@ def test_from_dict_rejects_unknown_key_and_round_trips():
     assert cfg.target_modules == ["q_proj"]
     assert LMoEConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.scaling == 16.0 / 2
+
+
+def test_router_stays_float32_after_module_dtype_casts():
+    layer = make_layer()
+    layer.to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+    layer.double()
+    assert layer.router.weight.dtype == torch.float32 and layer.lora_B.dtype == torch.float64
+    assert layer.lora_B.permute(1, 0, 2).is_contiguous()
