@@ -1,8 +1,8 @@
 """lmoe: mixtures of LoRA experts (L-MoE and family) for PyTorch and transformers."""
 
 from .config import LMoEConfig
-from .layer import LMoELinear, mixture
+from .layer import LMoELinear, mixture, mixture_reference
 from .model import LMoECausalLMOutput, LMoEModel, get_lmoe_model
 
 __version__ = "0.1.0"
-__all__ = ["LMoEConfig", "LMoELinear", "LMoEModel", "LMoECausalLMOutput", "get_lmoe_model", "mixture"]
+__all__ = ["LMoEConfig", "LMoELinear", "LMoEModel", "LMoECausalLMOutput", "get_lmoe_model", "mixture", "mixture_reference"]

@@ -15,6 +15,9 @@ per-token d_out x d_in matrix:
     y_delta = z B^T                        # (T, d_out)
 
 Non-obvious choices:
+* ``mixture`` is a custom autograd Function that saves x, h and the gates and recomputes z in backward:
+  one (T, N*r) activation per layer, like a LoRA of rank N*r (plain autograd would keep h and z).
+  ``mixture_reference`` is the same maths in plain autograd; tests hold the two equal.
 * ``lora_B`` is exposed with shape (N, d_out, r) but *stored* as (d_out, N, r) (a permuted view),
   so that ``B.permute(1, 0, 2).reshape(d_out, N*r)`` is a free view and no forward re-lays out the
   weights. Optimizers, ``state_dict`` and ``load_state_dict`` keep that layout; if someone replaces the
@@ -35,9 +38,9 @@ from .config import LMoEConfig
 from .routing import route
 
 
-def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
-            composition: str = "delta") -> torch.Tensor:
-    """The mixture update ``s * dW(x) x`` for flat inputs.
+def mixture_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
+                      composition: str = "delta") -> torch.Tensor:
+    """The mixture update ``s * dW(x) x`` in plain autograd (the readable reference for ``mixture``).
 
     x: (T, d_in); A: (N*r, d_in); B: (d_out, N*r); gates: (T, N) in x's dtype. Returns (T, d_out).
     """
@@ -52,6 +55,71 @@ def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tens
     else:
         raise ValueError(f"unknown composition {composition!r}")
     return z.reshape(t, -1) @ B.t()  # (T, d_out)
+
+
+class _Mixture(torch.autograd.Function):
+    """Fused mixture: saves x, h = x A^T and the gates, and recomputes the gated activation z in backward.
+
+    Plain autograd keeps both h and z (two (T, N*r) tensors) per layer; this keeps one, i.e. the same
+    activation memory as a LoRA of rank N*r. Same two GEMMs forward, four backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, gates, scaling: float, factor: bool):
+        t, n = gates.shape
+        h = x @ A.t()  # (T, N*r)
+        z, u = _gate(h.view(t, n, -1), gates, scaling, factor)
+        ctx.save_for_backward(x, A, B, h, gates, u)
+        ctx.scaling, ctx.factor = scaling, factor
+        return z.view(t, -1) @ B.t()  # (T, d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, h, gates, u = ctx.saved_tensors
+        s, factor = ctx.scaling, ctx.factor
+        t, n = gates.shape
+        hv = h.view(t, n, -1)  # (T, N, r)
+        dz = (dy @ B).view(t, n, -1)  # (T, N, r)
+        dB = dA = dx = dg = None
+        if ctx.needs_input_grad[2]:
+            z, _ = _gate(hv, gates, s, factor)  # recomputed instead of stored
+            dB = dy.t() @ z.view(t, -1)  # (d_out, N*r)
+        g = gates.unsqueeze(-1)  # (T, N, 1)
+        if factor:
+            # z_i = s g_i u,  u = sum_j g_j h_j
+            du = s * (dz * g).sum(dim=1, keepdim=True)  # (T, 1, r)
+            dh = g * du  # (T, N, r)
+            dg = s * (dz * u).sum(-1) + (hv * du).sum(-1)  # (T, N)
+        else:
+            # z_i = s g_i h_i
+            dh = dz * (s * g)
+            dg = s * (dz * hv).sum(-1)
+        dh = dh.reshape(t, -1)  # (T, N*r)
+        if ctx.needs_input_grad[1]:
+            dA = dh.t() @ x  # (N*r, d_in)
+        if ctx.needs_input_grad[0]:
+            dx = dh @ A  # (T, d_in)
+        return dx, dA, dB, dg, None, None
+
+
+def _gate(h: torch.Tensor, gates: torch.Tensor, scaling: float, factor: bool):
+    """z (T, N, r) from h (T, N, r): delta z_i = s g_i h_i; factor z_i = s g_i sum_j g_j h_j (u returned)."""
+    g = gates.unsqueeze(-1)  # (T, N, 1)
+    if factor:
+        u = (h * g).sum(dim=1, keepdim=True)  # (T, 1, r)
+        return (scaling * g) * u, u
+    return h * (scaling * g), None
+
+
+def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
+            composition: str = "delta") -> torch.Tensor:
+    """``s * dW(x) x`` for flat inputs with the fused autograd Function (same values as ``mixture_reference``).
+
+    x: (T, d_in); A: (N*r, d_in); B: (d_out, N*r); gates: (T, N); all in one dtype. Returns (T, d_out).
+    """
+    if composition not in ("delta", "factor"):
+        raise ValueError(f"unknown composition {composition!r}")
+    return _Mixture.apply(x, A, B, gates, scaling, composition == "factor")
 
 
 class LMoELinear(nn.Module):
@@ -108,12 +176,16 @@ class LMoELinear(nn.Module):
         A = self.lora_A.view(-1, self.in_features)  # (N*r, d_in), a view
         B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, N*r), a view
         xd = self.dropout(flat)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)  # the GEMMs run in it
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Cast once, as autocast would for each GEMM; the fused Function then runs in that dtype.
+            dtype = torch.get_autocast_dtype(dev)
+            A, B = A.to(dtype), B.to(dtype)
         else:
             dtype = A.dtype
-            xd = xd.to(dtype)  # no-op unless the base runs in another dtype (e.g. a quantised base)
-        delta = mixture(xd, A, B, gates.to(dtype), self.scaling, self.config.composition)
+        with torch.autocast(dev, enabled=False):
+            # .to() is a no-op unless the base runs in another dtype (e.g. a quantised base) or autocast is on
+            delta = mixture(xd.to(dtype), A, B, gates.to(dtype), self.scaling, self.config.composition)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:

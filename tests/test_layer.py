@@ -340,3 +340,62 @@ def test_router_stays_float32_after_module_dtype_casts():
     layer.double()
     assert layer.router.weight.dtype == torch.float32 and layer.lora_B.dtype == torch.float64
     assert layer.lora_B.permute(1, 0, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("composition", ["delta", "factor"])
+def test_fused_mixture_matches_autograd_reference_and_gradcheck(composition):
+    from lmoe import mixture_reference
+
+    torch.manual_seed(0)
+    t, n, r, d_in, d_out = 7, 4, 3, 5, 6
+    x, A, B = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((t, d_in), (n * r, d_in), (d_out, n * r)))
+    g = torch.rand(t, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: mixture(*a, 2.0, composition), (x, A, B, g))
+    y, y_ref = mixture(x, A, B, g, 2.0, composition), mixture_reference(x, A, B, g, 2.0, composition)
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), (x, A, B, g))
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), (x, A, B, g))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_mixture_saves_one_activation_of_size_T_by_Nr():
+    # Saved-for-backward bytes: the fused Function keeps x, h and the gates; plain autograd also keeps z.
+    from lmoe import mixture_reference
+
+    t, n, r, d_in, d_out = 64, 8, 4, 16, 16
+    x = torch.randn(t, d_in, requires_grad=True)
+    A, B = torch.randn(n * r, d_in, requires_grad=True), torch.randn(d_out, n * r, requires_grad=True)
+    g = torch.rand(t, n, requires_grad=True)
+
+    def saved_activation_numel(fn):
+        seen = {}
+
+        def pack(tensor):
+            if tensor.data_ptr() not in (x.data_ptr(), A.data_ptr(), B.data_ptr(), g.data_ptr()):
+                seen[tensor.data_ptr()] = tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            fn(x, A, B, g, 2.0, "delta")
+        return sum(seen.values())
+
+    assert saved_activation_numel(mixture) == t * n * r  # h only
+    assert saved_activation_numel(mixture_reference) >= 2 * t * n * r  # h and z
+
+
+@pytest.mark.parametrize("composition", ["delta", "factor"])
+def test_bf16_autocast_on_cpu_keeps_gate_float32_and_matches_fp32(composition):
+    layer = make_layer(composition)
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, D_IN, requires_grad=True)
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    logits, gates = layer.last_routing
+    assert logits.dtype == gates.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
+    y16.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    assert layer.router.weight.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
