@@ -12,6 +12,8 @@ grad) and to every trainable parameter. Variants (N experts of rank r, scaling s
   shapes as the mixture without the router and the gating.
 * ``loop``: the per-expert Python loop of LoRAMoE / MoE-PEFT: ``out += g[:, i:i+1] * B_i(A_i(x)) * s``
   with the experts as 2N separate ``nn.Linear``.
+* ``base``: the frozen Linear alone (backward to x only); "adapter ms" in the tables is a variant's
+  median minus this one, the adapter's own cost.
 * ``einsum-TNout``: materialises every expert's output, ``einsum('tnr,nor->tno', h, B)`` (T x N x d_out),
   then sums it weighted by g (a batched matmul, ``einsum('tno,tn->to')``).
 
@@ -112,35 +114,58 @@ def make_lmoe(base: nn.Module, A: torch.Tensor, B: torch.Tensor, Wg: torch.Tenso
     return layer
 
 
-class ProtoLMoE(nn.Module):
-    """A proposed forward for ``LMoELinear`` (same parameters, same math), measured beside it.
-
-    * ``addmm``: the expert output is accumulated onto the base output by the B GEMM itself
-      (``addmm(y, z, B^T)``) instead of a separate ``y + delta`` pass over (T, d_out).
-    * ``fused`` (also addmm): when the router and the experts share a dtype (fp32 training), the router
-      rows are appended to A so ``x [A; W_g]^T`` is one GEMM: two fewer skinny GEMMs in backward and one
-      fewer gradient path into x (one fewer (T, d_in) add).
+class _RouterFusedMixture(torch.autograd.Function):
+    """Prototype: ``lmoe``'s fused mixture Function (delta, softmax router) with the router's GEMM folded
+    into the experts' A GEMM: ``[h | logits] = x [A; W_g]^T`` is one GEMM forward and the backward's
+    ``d[h | logits]`` gives ``dx`` and ``d[A; W_g]`` in one GEMM each. Saves x, h|logits and the gates.
     """
 
-    def __init__(self, layer: LMoELinear, fused: bool):
+    @staticmethod
+    def forward(ctx, x, W, B, n: int, scaling: float):
+        t, nr = x.shape[0], W.shape[0] - n
+        hl = x @ W.t()  # (T, N*r + N): every expert's A_i x, then the router logits
+        h, logits = hl[:, :nr], hl[:, nr:]
+        gates = logits.softmax(dim=-1)  # (T, N)
+        z = h.view(t, n, -1) * (scaling * gates).unsqueeze(-1)  # (T, N, r)
+        ctx.save_for_backward(x, W, B, hl, gates)
+        ctx.n, ctx.scaling = n, scaling
+        return z.view(t, nr) @ B.t(), logits.detach(), gates.detach()  # (T, d_out), routing for telemetry
+
+    @staticmethod
+    def backward(ctx, dy, _dlogits, _dgates):
+        x, W, B, hl, gates = ctx.saved_tensors
+        n, s = ctx.n, ctx.scaling
+        t, nr = x.shape[0], W.shape[0] - n
+        hv = hl[:, :nr].view(t, n, -1)  # (T, N, r)
+        g = gates.unsqueeze(-1)  # (T, N, 1)
+        dz = (dy @ B).view(t, n, -1)  # (T, N, r)
+        dB = dy.t() @ (hv * (s * g)).view(t, nr)  # z recomputed; (d_out, N*r)
+        dhl = torch.empty_like(hl)  # (T, N*r + N)
+        torch.mul(dz, s * g, out=dhl[:, :nr].view(t, n, -1))  # dh
+        dg = s * (dz * hv).sum(-1)  # (T, N)
+        dhl[:, nr:] = gates * (dg - (dg * gates).sum(-1, keepdim=True))  # softmax backward: dlogits
+        return dhl @ W, dhl.t() @ x, dB, None, None  # dx (T, d_in), dW (N*r + N, d_in), dB
+
+
+class ProtoLMoE(nn.Module):
+    """A proposed forward for ``LMoELinear`` (same parameters, same output), measured beside it: when the
+    router and the experts share a dtype (fp32 training; softmax router, delta composition), concatenate
+    ``[A; W_g]`` and run ``_RouterFusedMixture``: the three skinny (.., N) router GEMMs disappear into the
+    experts' GEMMs and x receives one gradient fewer (one (T, d_in) add fewer)."""
+
+    def __init__(self, layer: LMoELinear):
         super().__init__()
-        self.layer, self.fused = layer, fused
+        self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L = self.layer
-        n, r, d_in, d_out = L.num_experts, L.rank, L.in_features, L.out_features
+        n, d_in, d_out = L.num_experts, L.in_features, L.out_features
         y = L.base_layer(x)
-        flat = x.reshape(-1, d_in)  # (T, d_in)
-        A = L.lora_A.view(n * r, d_in)  # (N*r, d_in)
-        if self.fused:
-            hl = flat @ torch.cat([A, L.router.weight]).t()  # (T, N*r + N)
-            h, logits = hl[:, : n * r], hl[:, n * r:]  # views, row stride N*r + N
-        else:
-            logits, h = L.router_logits(flat), flat @ A.t()
-        gates = route(logits, L.config.router, L.config.top_k)  # (T, N)
-        z = h.view(-1, n, r) * (gates * L.scaling).unsqueeze(-1)  # (T, N, r)
-        B = L.lora_B.permute(1, 0, 2).reshape(d_out, n * r)  # (d_out, N*r), a view
-        return torch.addmm(y.view(-1, d_out), z.view(-1, n * r), B.t()).view(*x.shape[:-1], d_out)
+        W = torch.cat([L.lora_A.view(-1, d_in), L.router.weight])  # (N*r + N, d_in)
+        B = L.lora_B.permute(1, 0, 2).reshape(d_out, -1)  # (d_out, N*r), a view
+        delta, logits, gates = _RouterFusedMixture.apply(x.reshape(-1, d_in), W, B, n, L.scaling)
+        L.last_routing = (logits, gates)
+        return y + delta.view(*x.shape[:-1], d_out)
 
 
 # ---------------------------------------------------------------- building and checking one shape
@@ -169,16 +194,17 @@ def lora_of(base: nn.Module, A: torch.Tensor, B: torch.Tensor, rank_scale: int) 
 
 def build_variants(d_in: int, d_out: int, configs: list[tuple[int, int]], seed: int, primary_extras: bool = True,
                    proto: bool = True,
-                   kinds: tuple[str, ...] = ("lmoe-delta", "lmoe-factor", "lmoe-top2", "loop", "lora")) -> list[Variant]:
+                   kinds: tuple[str, ...] = ("lmoe-delta", "lmoe-factor", "lmoe-top2", "loop", "lora"),
+                   ) -> list[Variant]:
     """Variants for each (N, r) in ``configs``. The first config is the primary one: it has no name suffix
-    and (with ``primary_extras``) also gets ``einsum-TNout``, ``lora-<r>`` and (with ``proto``) the two
-    ``ProtoLMoE`` forwards."""
+    and (with ``primary_extras``) also gets ``einsum-TNout``, ``lora-<r>`` and (with ``proto``) the
+    ``ProtoLMoE`` forward (``proto-fused``)."""
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(d_in, d_out, bias=False)
     with torch.no_grad():
         base.weight.copy_(torch.randn(d_out, d_in, generator=gen) / math.sqrt(d_in))
     base.requires_grad_(False)
-    out: list[Variant] = []
+    out: list[Variant] = [Variant("base", "base", 0, 0, base)] if primary_extras or "base" in kinds else []
     lora_ranks: set[int] = set()
     for j, (n, r) in enumerate(configs):
         A, B, Wg = expert_weights(d_in, d_out, n, r, gen)
@@ -195,8 +221,7 @@ def build_variants(d_in: int, d_out: int, configs: list[tuple[int, int]], seed: 
         if j == 0 and primary_extras:
             out.append(Variant("einsum-TNout", "einsum", n, r, EinsumTNout(base, A, B, Wg, s)))
             if proto:
-                out.append(Variant("proto-addmm", "proto", n, r, ProtoLMoE(make_lmoe(base, A, B, Wg), fused=False)))
-                out.append(Variant("proto-fused", "proto", n, r, ProtoLMoE(make_lmoe(base, A, B, Wg), fused=True)))
+                out.append(Variant("proto-fused", "proto", n, r, ProtoLMoE(make_lmoe(base, A, B, Wg))))
         if "lora" in kinds and n * r not in lora_ranks:
             lora_ranks.add(n * r)
             out.append(Variant(f"lora-{n * r}", "lora", 1, n * r, lora_of(base, A, B, r)))
@@ -206,23 +231,39 @@ def build_variants(d_in: int, d_out: int, configs: list[tuple[int, int]], seed: 
     return out
 
 
+def _lmoe_grads(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    layer = module.layer if isinstance(module, ProtoLMoE) else module
+    if not isinstance(layer, LMoELinear):
+        return None
+    return {"lora_A": layer.lora_A.grad, "lora_B": layer.lora_B.grad, "router": layer.router.weight.grad}
+
+
 def check_equivalence(variants: list[Variant], x: torch.Tensor) -> None:
-    """Same (N, r) => lmoe-delta, loop and einsum-TNout must give the same output (and gradients of x)."""
+    """Same (N, r) => lmoe-delta, proto-fused, loop and einsum-TNout must give the same output and the same
+    gradient of x; lmoe-delta and proto-fused also the same parameter gradients."""
     groups: dict[tuple[int, int], list[Variant]] = {}
     for v in variants:
         if v.kind in ("lmoe-delta", "loop", "einsum", "proto"):
             groups.setdefault((v.n, v.r), []).append(v)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
     for (n, r), vs in groups.items():
-        ref = None
+        ref = ref_grads = None
         for v in vs:
             xx = x.detach().clone().requires_grad_(True)
             y = v.module(xx)
             y.square().sum().backward()
+            grads = _lmoe_grads(v.module)
             if ref is None:
-                ref = (v.name, y.detach(), xx.grad)
+                ref, ref_grads = (v.name, y.detach(), xx.grad), grads
                 continue
-            for what, a, b in (("output", ref[1], y.detach()), ("grad x", ref[2], xx.grad)):
-                if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()):
+            pairs = [("output", ref[1], y.detach()), ("grad x", ref[2], xx.grad)]
+            if grads is not None and ref_grads is not None:
+                pairs += [(f"grad {k}", ref_grads[k], grads[k]) for k in grads]
+            for what, a, b in pairs:
+                if not close(a, b):
                     raise AssertionError(f"N={n} r={r}: {v.name} {what} differs from {ref[0]} "
                                          f"(max abs diff {(a - b).abs().max().item():.3g})")
         for v in vs:
@@ -252,7 +293,8 @@ def measure(variants: list[Variant], d_in: int, d_out: int, tokens: int, repeats
         params = list(v.module.parameters())
         with_x = saved_tensor_bytes(lambda: v.module(x), exclude=params)
         no_x = saved_tensor_bytes(lambda: v.module(x), exclude=params + [x])
-        v.result.update(saved_bytes=with_x["bytes"], saved_bytes_beyond_x=no_x["bytes"], saved_storages=with_x["tensors"],
+        v.result.update(saved_bytes=with_x["bytes"], saved_bytes_beyond_x=no_x["bytes"],
+                        saved_storages=with_x["tensors"],
                         trainable_params=sum(p.numel() for p in params if p.requires_grad))
     fns = {v.name: make_step(v.module, x, R) for v in variants}
 
@@ -275,22 +317,26 @@ def paired_ratio(a: Variant, b: Variant) -> float:
 # ---------------------------------------------------------------- reporting
 def shape_table(variants: list[Variant], tokens: int, floor: Variant) -> str:
     by_name = {v.name: v for v in variants}
+    base = by_name.get("base")
     rows = []
     for v in variants:
         res = v.result
         lora_same = by_name.get(f"lora-{v.n * v.r}")
         loop = next((u for u in variants if u.kind == "loop" and (u.n, u.r) == (v.n, v.r)), None)
         unit = tokens * v.n * v.r * 4  # bytes of one fp32 (T, N*r) activation
+        adapter = res["median_ms"] - base.result["median_ms"] if base else float("nan")
         rows.append([
             v.name, v.n, v.r, f"{res['median_ms']:.2f}", f"{res['iqr_ms'][0]:.1f}-{res['iqr_ms'][1]:.1f}",
-            f"{min(res['samples_ms']):.2f}",
+            f"{min(res['samples_ms']):.2f}", f"{adapter:.2f}" if base and v is not base else "",
+            f"{adapter / (floor.result['median_ms'] - base.result['median_ms']):.2f}" if base and v is not base else "",
             f"{res['median_ms'] / floor.result['median_ms']:.3f}",
             f"{res['median_ms'] / lora_same.result['median_ms']:.3f}" if lora_same else "",
             f"{loop.result['median_ms'] / res['median_ms']:.2f}x" if loop and v.kind.startswith("lmoe") else "",
             f"{res['saved_bytes'] / 2**20:.1f}", f"{res['saved_bytes_beyond_x'] / 2**20:.1f}",
-            f"{res['saved_bytes_beyond_x'] / unit:.2f}",
+            f"{res['saved_bytes_beyond_x'] / unit:.2f}" if unit else "",
         ])
-    headers = ["variant", "N", "r", "median ms", "IQR ms", "min ms", f"vs {floor.name}", "vs lora-(N·r)", "loop / this",
+    headers = ["variant", "N", "r", "median ms", "IQR ms", "min ms", "adapter ms", f"adapter vs {floor.name}",
+               f"vs {floor.name}", "vs lora-(N·r)", "loop / this",
                "saved MiB", "saved MiB beyond x", "beyond x / T·N·r"]
     return markdown_table(headers, rows)
 
@@ -300,10 +346,13 @@ def targets(per_shape: dict[str, list[Variant]], n16: int) -> list[dict]:
     checks = []
     for shape, vs in per_shape.items():
         by = {v.name: v for v in vs}
-        floor = next(v for v in vs if v.name == f"lora-{vs[0].n * vs[0].r}")
+        prim = by.get("lmoe-delta") or by.get("lmoe-factor")  # the primary (N, r)
+        if prim is None:
+            continue
+        floor = by[f"lora-{prim.n * prim.r}"]
         for name in ("lmoe-delta", "lmoe-factor"):
             if name in by:
-                checks.append(dict(shape=shape, target=f"{name} (N={vs[0].n}, r={vs[0].r}) <= 1.10x {floor.name}",
+                checks.append(dict(shape=shape, target=f"{name} (N={prim.n}, r={prim.r}) <= 1.10x {floor.name}",
                                    ratio=by[name].result["median_ms"] / floor.result["median_ms"],
                                    paired=paired_ratio(by[name], floor), bound=1.10, kind="le"))
         d16 = next((v for v in vs if v.kind == "lmoe-delta" and v.n == n16), None)
@@ -342,8 +391,10 @@ def sweep_table(vs: list[Variant]) -> str:
         rows.append([n, r, n * r, f"{v.result['median_ms']:.2f}", f"{lo.result['median_ms']:.2f}",
                      f"{lp.result['median_ms']:.2f}", f"{v.result['median_ms'] / lo.result['median_ms']:.3f}",
                      f"{lp.result['median_ms'] / v.result['median_ms']:.2f}x"])
-    return markdown_table(["N", "r", "N·r", "lmoe-delta ms", "lora-(N·r) ms", "loop ms", "lmoe / lora", "loop / lmoe"],
-                          rows)
+    headers = ["N", "r", "N·r", "lmoe-delta ms", "lora-(N·r) ms", "loop ms", "lmoe / lora", "loop / lmoe"]
+    table = markdown_table(headers, rows)
+    base = next((v for v in vs if v.kind == "base"), None)
+    return table + (f"\n\nfrozen base Linear alone: {base.result['median_ms']:.2f} ms" if base else "")
 
 
 def plot(vs: list[Variant], r: int, path: str, title: str) -> None:
@@ -365,6 +416,9 @@ def plot(vs: list[Variant], r: int, path: str, title: str) -> None:
         lo = [v.result["median_ms"] - v.result["iqr_ms"][0] for v in row]
         hi = [v.result["iqr_ms"][1] - v.result["median_ms"] for v in row]
         ax.errorbar(ns, med, yerr=[lo, hi], marker=mk, capsize=3, label=label)
+    base = next((v for v in vs if v.kind == "base"), None)
+    if base is not None:
+        ax.axhline(base.result["median_ms"], color="gray", ls="--", lw=1, label="frozen base Linear alone")
     ax.set_xlabel("N (experts)")
     ax.set_ylabel(f"fwd+bwd ms, {vs[0].result['clock']} time (median, IQR bars)")
     ax.set_xticks(ns)
@@ -378,26 +432,41 @@ def plot(vs: list[Variant], r: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def profile(variants: list[Variant], d_in: int, d_out: int, tokens: int, names: list[str], steps: int = 10) -> str:
-    """torch.profiler op tables (self CPU time) for the named variants."""
+def profile(variants: list[Variant], d_in: int, d_out: int, tokens: int, names: list[str], reps: int = 8,
+            steps: int = 3, rows: int = 16) -> str:
+    """torch.profiler self-CPU time per (op, input shapes), in ms per step, for the named variants.
+
+    The variants are profiled in turn, ``reps`` times ``steps`` steps each; each op's time is its minimum
+    over the reps (the least disturbed one: the host is shared), so the per-op rows are comparable
+    across variants even when the totals drift.
+    """
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     x = torch.randn(tokens, d_in).requires_grad_(True)
     R = torch.randn(tokens, d_out)
+    chosen = [v for v in variants if v.name in names]
+    fns = {v.name: make_step(v.module, x, R) for v in chosen}
+    for fn in fns.values():
+        fn(), fn()
+    best: dict[str, dict] = {n: defaultdict(lambda: math.inf) for n in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(steps):
+                    fn()
+            for e in prof.key_averages(group_by_input_shape=True):
+                key = (e.key, str(e.input_shapes))
+                best[name][key] = min(best[name][key], e.self_cpu_time_total / steps / 1e3)
     out = []
-    for v in variants:
-        if v.name not in names:
-            continue
-        step = make_step(v.module, x, R)
-        for _ in range(3):
-            step()
-        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        out.append(f"--- {v.name} {d_in}->{d_out}, {steps} steps\n"
-                   + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-    return "\n".join(out)
+    for name, ops in best.items():
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:rows]
+        out.append(f"--- {name} {d_in}->{d_out}, T={tokens}: sum over ops of the per-op minimum "
+                   f"{sum(ops.values()):.2f} ms/step\n"
+                   + markdown_table(["op", "input shapes", "ms/step"], [[k[0], k[1][:60], f"{v:.3f}"] for k, v in top]))
+    return "\n\n".join(out)
 
 
 # ---------------------------------------------------------------- main
@@ -406,11 +475,13 @@ def parse_shapes(s: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", "-T", type=int, default=1024, help="tokens per step (batch x sequence)")
     p.add_argument("--n", type=int, nargs="+", default=[8, 16], help="expert counts; the first is the primary one")
     p.add_argument("--r", type=int, nargs="+", default=[8], help="expert ranks; the first is the primary one")
-    p.add_argument("--shapes", type=parse_shapes, default=list(SMOLLM2_SHAPES), help="d_in x d_out list, e.g. 576x576,576x1536")
+    p.add_argument("--shapes", type=parse_shapes, default=list(SMOLLM2_SHAPES),
+                   help="d_in x d_out list, e.g. 576x576,576x1536")
     p.add_argument("--repeats", type=int, default=15, help="rounds (samples per variant); the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--inner", type=int, default=2, help="steps per sample (the sample is their mean)")
@@ -426,8 +497,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep-repeats", type=int, default=0, help="rounds for the sweep (0: --repeats)")
     p.add_argument("--plot", metavar="PATH.png", help="plot step time vs N at r=8 (implies --sweep)")
     p.add_argument("--skip-main", action="store_true", help="only the sweep")
-    p.add_argument("--no-proto", action="store_true", help="leave out the proposed forwards (proto-*)")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables for lmoe-delta and the lora floor")
+    p.add_argument("--no-proto", action="store_true", help="leave out the proposed forward (proto-fused)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="time only these variants of the main tables (e.g. base lmoe-delta lora-64): shorter rounds")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler op tables (per-op minimum over 8 profiles) for lmoe-delta, "
+                        "proto-fused and the lora floor")
     p.add_argument("--json", metavar="PATH", help="write every number (samples included) to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
@@ -439,11 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     info = machine_info()
-    print(f"# bench_layer: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"{info['date']}")
+    print(f"# bench_layer: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"({info['torch_threads']} threads), {info['date']}, lmoe at {info['git']}")
     print(f"# T={args.tokens}, fp32, repeats={args.repeats} x inner={args.inner}, warmup={args.warmup}, "
           f"N={args.n}, r={args.r}, clock={args.clock} (ms per fwd+bwd step)")
-    report: dict = {"machine": info, "args": {k: v for k, v in vars(args).items()}, "shapes": {}, "targets": [], "sweep": {}}
+    report: dict = {"machine": info, "args": dict(vars(args)), "shapes": {}, "targets": [], "sweep": {}}
     configs = [(args.n[0], args.r[0])] + [(n, r) for n in args.n for r in args.r if (n, r) != (args.n[0], args.r[0])]
 
     per_shape: dict[str, list[Variant]] = {}
@@ -451,15 +526,19 @@ def main(argv: list[str] | None = None) -> dict:
         for d_in, d_out in args.shapes:
             key = f"{d_in}->{d_out}"
             vs = build_variants(d_in, d_out, configs, args.seed, proto=not args.no_proto)
+            if args.only:
+                vs = [v for v in vs if v.name in args.only]
             measure(vs, d_in, d_out, args.tokens, args.repeats, args.warmup, args.inner, args.seed, key, args.clock)
             per_shape[key] = vs
-            floor = next(v for v in vs if v.name == f"lora-{configs[0][0] * configs[0][1]}")
+            floor = next((v for v in vs if v.name == f"lora-{configs[0][0] * configs[0][1]}"), None)
+            if floor is None:
+                raise SystemExit(f"--only must keep lora-{configs[0][0] * configs[0][1]} (the reference)")
             print(f"\n## {key}, T={args.tokens}\n")
             print(shape_table(vs, args.tokens, floor))
             sys.stdout.flush()
             report["shapes"][key] = {v.name: dict(kind=v.kind, n=v.n, r=v.r, **v.result) for v in vs}
             if args.profile:
-                print(profile(vs, d_in, d_out, args.tokens, ["lmoe-delta", floor.name]))
+                print("\n" + profile(vs, d_in, d_out, args.tokens, ["lmoe-delta", "proto-fused", floor.name]))
         n16 = next((n for n in args.n[1:] if n == 16), args.n[-1] if len(args.n) > 1 else args.n[0])
         checks = targets(per_shape, n16)
         print("\n## Targets\n")
@@ -471,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
             key = f"{d_in}->{d_out}"
             cfgs = [(n, r) for n in args.sweep_n for r in args.sweep_r]
             vs = build_variants(d_in, d_out, cfgs, args.seed + 7, primary_extras=False,
-                                kinds=("lmoe-delta", "loop", "lora"))
+                                kinds=("base", "lmoe-delta", "loop", "lora"))
             measure(vs, d_in, d_out, args.tokens, args.sweep_repeats or args.repeats, args.warmup, args.inner,
                     args.seed, "sweep " + key, args.clock)
             print(f"\n## Sweep {key}, T={args.tokens}\n")

@@ -25,6 +25,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 
@@ -109,8 +110,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def git_revision(path: str = ".", pathspec: str = "lmoe") -> str:
+    """HEAD's short hash of the checkout holding ``path``, with "+modified" when ``pathspec`` (the code being
+    measured) differs from HEAD; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        return head + ("+modified" if git("status", "--porcelain", "--", pathspec) else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_info() -> dict[str, object]:
     return {
+        "git": git_revision(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -162,8 +162,11 @@ class LMoELinear(nn.Module):
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, N) float32 logits of the gate for flat input x (T, d_in)."""
+        w = self.router.weight
+        if x.dtype == w.dtype and not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, w)  # the common fp32 case: no casts, no context switch
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.router.weight.float())
+            return F.linear(x.float(), w.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -175,17 +178,23 @@ class LMoELinear(nn.Module):
         self.last_routing = (logits, gates)
         A = self.lora_A.view(-1, self.in_features)  # (N*r, d_in), a view
         B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, N*r), a view
-        xd = self.dropout(flat)
+        xd = self.dropout(flat) if self.config.dropout > 0 else flat
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # Cast once, as autocast would for each GEMM; the fused Function then runs in that dtype.
             dtype = torch.get_autocast_dtype(dev)
-            A, B = A.to(dtype), B.to(dtype)
-        else:
-            dtype = A.dtype
-        with torch.autocast(dev, enabled=False):
-            # .to() is a no-op unless the base runs in another dtype (e.g. a quantised base) or autocast is on
-            delta = mixture(xd.to(dtype), A, B, gates.to(dtype), self.scaling, self.config.composition)
+            with torch.autocast(dev, enabled=False):
+                delta = mixture(xd.to(dtype), A.to(dtype), B.to(dtype), gates.to(dtype), self.scaling,
+                                self.config.composition)
+            return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
+        dtype = A.dtype
+        xd, gates = xd.to(dtype), gates.to(dtype)  # no-ops unless the base runs in another dtype (quantised)
+        if not torch.is_grad_enabled() and y.dtype == dtype:
+            # Inference (generation, eval): fewest ops per call, the add folded into the last GEMM.
+            t = flat.shape[0]
+            z, _ = _gate((xd @ A.t()).view(t, self.num_experts, -1), gates, 1.0, self.config.composition == "factor")
+            return torch.addmm(y.reshape(t, -1), z.view(t, -1), B.t(), alpha=self.scaling).view(y.shape)
+        delta = mixture(xd, A, B, gates, self.scaling, self.config.composition)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:

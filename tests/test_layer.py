@@ -399,3 +399,19 @@ def test_bf16_autocast_on_cpu_keeps_gate_float32_and_matches_fp32(composition):
     y16.float().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
     assert layer.router.weight.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk"])
+@pytest.mark.parametrize("composition", ["delta", "factor"])
+def test_inference_path_equals_training_path(composition, router):
+    layer = make_layer(composition, router)
+    x = torch.randn(2, 5, D_IN)
+    y_train = layer(x)
+    with torch.no_grad():
+        y_infer = layer(x)
+        with torch.no_grad():
+            layer.lora_B.zero_()
+            y_zero = layer(x)
+    torch.testing.assert_close(y_infer, y_train, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(y_infer, layer.base_layer(x))
+    assert torch.equal(y_zero, layer.base_layer(x))  # B = 0 is exactly the base on the inference path too
