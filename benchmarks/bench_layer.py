@@ -16,10 +16,14 @@ grad) and to every trainable parameter. Variants (N experts of rank r, scaling s
   median minus this one, the adapter's own cost.
 * ``einsum-TNout``: materialises every expert's output, ``einsum('tnr,nor->tno', h, B)`` (T x N x d_out),
   then sums it weighted by g (a batched matmul, ``einsum('tno,tn->to')``).
+* ``proto-fused``: a proposed forward for ``LMoELinear`` (``ProtoLMoE``), the router's GEMM folded into
+  the experts' A GEMM; same parameters, same output.
 
 All variants of one (shape, N, r) share the same weights (B is random, not zero, so nothing is
-skipped), and the script checks that their outputs agree before timing them. Numbers are only
-comparable inside one run: see ``benchmarks/common.py``.
+skipped), and the script checks that their outputs and gradients agree before timing them. Numbers
+are only comparable inside one run: see ``benchmarks/common.py``. By default torch runs one thread and
+the tables report CPU time, which is what stays steady while other jobs share the cores
+(``--threads 2`` reports wall time, noisy under load). Results and their reading: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def make_lmoe(base: nn.Module, A: torch.Tensor, B: torch.Tensor, Wg: torch.Tenso
 class _RouterFusedMixture(torch.autograd.Function):
     """Prototype: ``lmoe``'s fused mixture Function (delta, softmax router) with the router's GEMM folded
     into the experts' A GEMM: ``[h | logits] = x [A; W_g]^T`` is one GEMM forward and the backward's
-    ``d[h | logits]`` gives ``dx`` and ``d[A; W_g]`` in one GEMM each. Saves x, h|logits and the gates.
+    ``d[h | logits]`` gives ``dx`` and ``d[A; W_g]`` in one GEMM each. Saves x, h|logits, the gates and the
+    weights; z is recomputed in backward, as in ``lmoe.layer._Mixture``.
     """
 
     @staticmethod
@@ -172,7 +177,7 @@ class ProtoLMoE(nn.Module):
 @dataclass
 class Variant:
     name: str
-    kind: str  # lmoe-delta, lmoe-factor, lmoe-top2, lora, loop, einsum
+    kind: str  # base, lmoe-delta, lmoe-factor, lmoe-top2, lora, loop, einsum, proto
     n: int
     r: int
     module: nn.Module
