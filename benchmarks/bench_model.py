@@ -192,6 +192,9 @@ def main(argv=None) -> dict:
         results[n]["step_s"] = median(t["wall"])
         results[n]["samples_s"] = t["wall"]
     ref = results.get("lora-64", {}).get("step_s")
+    if ref:  # paired: the median over rounds of the ratio within each round (robust to drift between rounds)
+        for n in a.candidates:
+            results[n]["paired_vs_lora64"] = median(x / y for x, y in zip(times[n]["wall"], times["lora-64"]["wall"]))
     del models, steps
 
     if a.rss:
@@ -209,6 +212,7 @@ def main(argv=None) -> dict:
         act = r.get("activation_mb")
         rows.append([n, f"{r['trainable_params']:,}", f"{r['step_s']:.2f}",
                      f"{r['step_s'] / ref:.2f}" if ref else "–",
+                     f"{r['paired_vs_lora64']:.2f}" if ref else "–",
                      f"{act:.0f}" if act is not None else "–",
                      f"{act / results['lora-64']['activation_mb']:.2f}" if act is not None and ref else "–",
                      f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "–",
@@ -216,7 +220,8 @@ def main(argv=None) -> dict:
                      if r.get("peak_rss_mb") and results["lora-64"].get("peak_rss_mb") else "–"])
     print(f"\nTraining step, SmolLM2-135M fp32, batch {a.batch_size}x{a.seq_len}, medians of {a.repeats} "
           f"interleaved rounds")
-    print(markdown_table(["candidate", "trainable", "s/step", "vs lora-64", "activation MB", "vs lora-64",
+    print(markdown_table(["candidate", "trainable", "s/step", "vs lora-64", "paired vs lora-64", "activation MB",
+                          "vs lora-64",
                           "peak RSS MB", "vs lora-64"], rows))
     out = {"machine": info, "args": vars(a), "train": results}
     if a.generate:

@@ -10,7 +10,11 @@ evaluation on a slice of the test sets and one generation. Flags override values
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -157,14 +161,101 @@ def _check_positive(args, *names: str) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
+def _check_train_numbers(args) -> None:
+    _check_positive(args, "max_steps", "batch_size", "grad_accum", "seq_len", "logging_steps")
+    for name in ("save_steps", "eval_steps", "val_per_task", "eval_limit"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        raise UsageError(f"--lr-scheduler must be one of {', '.join(names)}; got {name!r}")
+
+
+def _check_model_arg(name: str | None) -> None:
+    """Fail fast on a model given as a path that is not there (instead of asking the hub for it)."""
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or name.endswith(".gguf")
+    if looks_like_path and not path.exists():
+        raise UsageError(f"model path '{name}' does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"'{name}' is not a model folder: config.json is missing")
+
+
+def _load_base(name: str | None):
+    """``load_model`` with a one-line error for what a bad model folder or file raises."""
+    from .models import load_model
+
+    try:
+        return load_model(name or "smollm2-135m")
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"cannot load model '{name or 'smollm2-135m'}': {first}") from None
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of a torchrun launch (or a plain process); decided before Trainer sets up distributed."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# What ``lmoe train`` writes at the top of its output directory (``--overwrite-output-dir`` removes these).
+_RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_summary.json", "log.csv", "eval.json")
+
+
 def _finished_run(out: Path) -> bool:
     return (out / "adapter_config.json").is_file() and (out / "train_summary.json").is_file()
 
 
+def _finished_step(out: Path) -> int | None:
+    """The step a finished run stopped at (None if unreadable)."""
+    try:
+        summary = json.loads((out / "train_summary.json").read_text())
+        return int(summary.get("global_step", summary["args"]["max_steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _complete(ckpt: Path) -> bool:
+    """Trainer writes trainer_state.json last, after the adapter, optimizer, scheduler and RNG state."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((ckpt / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+
+
 def _latest_checkpoint(out: Path) -> str | None:
-    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete ``checkpoint-K``; incomplete ones (a run killed while saving) are skipped."""
+    for ckpt in reversed(_checkpoints(out)):
+        if _complete(ckpt):
+            return str(ckpt)
+        print(f"lmoe: skipping incomplete checkpoint {ckpt} (interrupted while saving)", file=sys.stderr)
+    return None
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a previous run's outputs (only the files ``lmoe train`` writes), for --overwrite-output-dir."""
+    for ckpt in _checkpoints(out):
+        shutil.rmtree(ckpt)
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def cmd_train(args) -> int:
@@ -172,45 +263,67 @@ def cmd_train(args) -> int:
     for k, v in (DEMO if demo else TRAIN_DEFAULTS).items():  # the demo is short enough for a 2-core CPU
         if getattr(args, k) is None:
             setattr(args, k, v)
-    _check_positive(args, "max_steps", "batch_size", "grad_accum", "seq_len")
+    _check_train_numbers(args)
     config = _lmoe_config(args)  # validates before anything slow happens
     if args.mix not in ("proportional", "uniform"):
         raise UsageError(f"--mix must be proportional or uniform, got {args.mix!r}")
     if args.loss_on not in ("answer", "all"):
         raise UsageError(f"--loss-on must be answer or all, got {args.loss_on!r}")
+    _check_scheduler(args.lr_scheduler)
+    _check_model_arg(args.model)
     out = Path(args.output_dir or f"runs/lmoe-{time.strftime('%Y%m%d-%H%M%S')}")
+    rank0 = _is_rank0()
     resume_from = None
+    if args.resume and args.overwrite_output_dir:
+        raise UsageError("--resume and --overwrite-output-dir exclude each other")
     if args.resume:
+        done = _finished_step(out) if _finished_run(out) else None
+        if done is not None and done >= args.max_steps:
+            if rank0:
+                print(f"lmoe: '{out}' already holds a run finished at step {done} (--max-steps {args.max_steps}); "
+                      f"nothing to resume", file=sys.stderr)
+            return 0
         resume_from = _latest_checkpoint(out)
         if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint-* folder in '{out}'")
-    elif _finished_run(out) and not args.overwrite_output_dir:
-        raise UsageError(f"'{out}' already holds a finished run; pass --resume to continue it or "
-                         f"--overwrite-output-dir to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+            raise UsageError(f"--resume: no complete checkpoint-* folder in '{out}'")
+    elif not args.overwrite_output_dir:
+        if _finished_run(out):
+            raise UsageError(f"'{out}' already holds a finished run; pass --resume to continue it or "
+                             f"--overwrite-output-dir to replace it")
+        if _checkpoints(out):
+            raise UsageError(f"'{out}' holds checkpoints of an unfinished run; pass --resume to continue it or "
+                             f"--overwrite-output-dir to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory '{out}': {e.strerror}") from None
     _check_writable(out)
+    if args.overwrite_output_dir and rank0:
+        _clear_run(out)
 
     import torch
     from transformers import TrainingArguments, set_seed
 
     from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples, split_validation
-    from .model import get_lmoe_model
-    from .models import load_model
-    from .train import CSVLogger, LMoETrainer, NonFiniteLossStop
+    from .model import _atomic_write, get_lmoe_model
+    from .train import CSVLogger, LMoETrainer
 
     set_seed(args.seed)
     examples = load_examples(args.data or [BUNDLED_DATA], split="train")
     val = []
     if args.eval_steps:
         examples, val = split_validation(examples, args.val_per_task, seed=args.seed)
-    print(f"lmoe: loading model {args.model or 'smollm2-135m'}", file=sys.stderr)
-    model, tokenizer = load_model(args.model or "smollm2-135m")
+    if rank0:
+        print(f"lmoe: loading model {args.model or 'smollm2-135m'}", file=sys.stderr)
+    model, tokenizer = _load_base(args.model)
     set_seed(args.seed)
     lmoe_model = get_lmoe_model(model, config)
-    lmoe_model.print_trainable_parameters()
+    if rank0:
+        lmoe_model.print_trainable_parameters()
     train_ds, stats = build_dataset(tokenizer, examples, args.seq_len, mix=args.mix, seed=args.seed,
                                     loss_on=args.loss_on)
-    _print_data_stats(stats)
+    if rank0:
+        _print_data_stats(stats)
     eval_ds = build_dataset(tokenizer, val, args.seq_len, seed=args.seed, loss_on=args.loss_on)[0] if val else None
 
     targs = TrainingArguments(
@@ -221,12 +334,14 @@ def cmd_train(args) -> int:
         logging_steps=args.logging_steps, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=args.eval_steps or None, remove_unused_columns=False, report_to=args.report_to,
-        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0,
+        bf16=args.bf16, activation_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # LMoETrainer stops on a non-finite loss; the filter would hide it
+        ddp_find_unused_parameters=False,  # every adapter parameter is used in every forward
     )
     trainer = LMoETrainer(model=lmoe_model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=DataCollator(tokenizer.pad_token_id),
-                          callbacks=[CSVLogger(out / "log.csv"), NonFiniteLossStop()])
+                          callbacks=[CSVLogger(out / "log.csv")])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0
@@ -237,9 +352,12 @@ def cmd_train(args) -> int:
     summary = {"model": args.model or "smollm2-135m", "lmoe_config": config.to_dict(),
                "args": {k: v for k, v in vars(args).items() if k != "command"},
                "trainable_params": trainable, "total_params": total, "data": stats,
+               "global_step": trainer.state.global_step, "resumed_from": resume_from,
                "train_loss": result.training_loss, "train_wall_s": round(wall, 1),
                "train_tokens": int(trainer.state.num_input_tokens_seen)}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # Written last and atomically: its presence is what marks the run as finished.
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    _atomic_write(out / "train_summary.json", lambda p: p.write_text(text))
     print(f"lmoe: adapter saved to {out}/ (adapter_config.json, adapter_model.safetensors); log: {out}/log.csv")
 
     if args.eval_limit:
@@ -253,11 +371,13 @@ def cmd_train(args) -> int:
 
 
 def _check_writable(out: Path) -> None:
-    probe = out / ".lmoe-write-test"
+    probe = out / f".lmoe-write-test-{os.getpid()}"  # one per process: DDP ranks probe at the same time
     try:
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink()  # a disk-full write may have left a partial probe behind
         raise UsageError(f"output directory '{out}' is not writable: {e.strerror}") from None
 
 
@@ -280,9 +400,9 @@ def _evaluate_and_report(model, tokenizer, data, seq_len, batch_size, limit, out
 
 def _load(model_name, adapter):
     from .model import LMoEModel
-    from .models import load_model
 
-    model, tokenizer = load_model(model_name or "smollm2-135m")
+    _check_model_arg(model_name)
+    model, tokenizer = _load_base(model_name)
     if adapter:
         model = LMoEModel.from_pretrained(model, adapter)
     return model, tokenizer

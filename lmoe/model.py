@@ -9,7 +9,13 @@
   masked by ``attention_mask``.
 * An adapter is a directory with ``adapter_config.json`` and ONE ``adapter_model.safetensors`` whose keys
   are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` relative to the base model. Loading is
-  strict and never unpickles anything. Files are written atomically (temp file, fsync, rename).
+  strict and never unpickles anything.
+* **Saves are atomic per file and consistent as a pair.** Each file is written to a temp file, fsynced
+  and renamed over the old one: weights first, then the config. The weights file also carries the
+  config in its metadata, and loading checks the two agree. So a save killed at any point leaves
+  either the previous adapter or the new one when the config is unchanged (as between the
+  checkpoints of one run); if the config changed and the kill fell between the two renames, loading
+  refuses the mixed pair instead of running new weights under the old config.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -121,10 +127,17 @@ class LMoEModel(nn.Module):
             for m in layers:
                 m.disabled = False
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        # Non-reentrant checkpointing works with a frozen embedding (no input-requires-grad hack needed).
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs) -> None:
+        """Recompute each decoder layer in backward (the base model's checkpointing, Trainer's entry point)."""
+        # Non-reentrant checkpointing works with a frozen embedding (no input-requires-grad hack needed)
+        # and replays the RNG state, so expert dropout draws the same mask in the recomputation.
+        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The older name of ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def unload(self) -> nn.Module:
         """Put the original Linear layers back and return the base model (adapter weights are dropped)."""
@@ -221,7 +234,9 @@ class LMoEModel(nn.Module):
         meta = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base,
                 "config": self.lmoe_config.to_dict()}
         sd = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
-        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt", "lmoe": "1"}))
+        st_meta = {"format": "pt", "lmoe": "1", "lmoe_config": json.dumps(meta["config"], sort_keys=True)}
+        # Weights first, then config; see the module docstring for what a kill between the two leaves.
+        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata=st_meta))
         _atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
 
     @classmethod
@@ -254,6 +269,13 @@ class LMoEModel(nn.Module):
                if sd[k].shape != v.shape]
         if bad:
             raise ValueError(f"{path}: shape mismatch for {len(bad)} tensor(s): {_few(bad)}")
+        # Same keys and shapes, but were the weights trained under this config (alpha, router, ...)?
+        saved = _saved_config(path)
+        if saved is not None and saved != self.lmoe_config:
+            diff = [f"{k}={v!r} (model: {getattr(self.lmoe_config, k)!r})" for k, v in saved.to_dict().items()
+                    if v != self.lmoe_config.to_dict()[k]]
+            raise ValueError(f"{path} was saved with another LMoEConfig: {', '.join(diff)}; in an adapter "
+                             f"folder this means {CONFIG_NAME} and the weights come from different saves")
         params = {}
         for name, m in self.lmoe_layers().items():
             params.update({f"{name}.lora_A": m.lora_A, f"{name}.lora_B": m.lora_B,
@@ -295,6 +317,16 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tens
         raise ValueError(f"{p}: corrupt or truncated safetensors file ({e})") from None
 
 
+def _saved_config(path: Path) -> LMoEConfig | None:
+    """The LMoEConfig recorded in a weights file's metadata (None for files written before it was)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("lmoe_config")
+        return None if text is None else LMoEConfig.from_dict(json.loads(text))
+    except (SafetensorError, OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable lmoe metadata ({e})") from None
+
+
 def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != num_tokens:
         return None
@@ -310,6 +342,7 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; an adapter or result is meant to be shared
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -5,15 +5,22 @@ checkpoints, DDP through Accelerate/torchrun) are Trainer's; what is ours is sma
   (detached, on device: no host sync per step) for logging.
 * ``LMoETrainer.log`` adds the mean ``lm_loss``, ``aux_loss``, ``z_loss`` since the last log and the
   mean normalised router entropy of the last step, and warns when routing collapses.
-* Checkpoints hold the adapter only (``LMoEModel.save_pretrained``), and resuming loads it back.
-* ``CSVLogger`` appends every log line to ``<output_dir>/log.csv``.
+* Checkpoints hold the adapter only (``LMoEModel.save_pretrained``), and resuming loads it back; the
+  optimizer, scheduler, RNG and data position are Trainer's (``optimizer.pt`` etc., read back with
+  ``torch.load(weights_only=True)``, never an arbitrary unpickle). Under DDP only rank 0 writes.
+* **Non-finite loss stops the run** before anything else is saved: every micro-batch's loss and every
+  step's gradient norm update an on-device "first bad step" (no host sync per step); the flag is read
+  (and, under DDP, min-reduced across ranks) only where Trainer logs or saves a checkpoint, so a NaN
+  is reported with the step it happened at and never reaches a checkpoint. (Trainer's own
+  ``logging_nan_inf_filter`` would hide it from the log and syncs every step; ``lmoe train`` turns it off.)
+* ``CSVLogger`` appends every log line to ``<output_dir>/log.csv``; on a resumed run it first drops the
+  rows after the checkpoint's step, so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -26,11 +33,69 @@ LOG_COLUMNS = ("step", "epoch", "loss", "lm_loss", "aux_loss", "z_loss", "router
                "grad_norm", "eval_loss", "num_input_tokens_seen")
 
 
+# Codes of the non-finite events, ordered so that the min-reduction prefers the loss over the gradient norm.
+_BAD_WHAT = ("training loss is nan", "training loss is inf", "training loss is -inf", "gradient norm is nan",
+             "gradient norm is inf")
+_NO_BAD = 2**62  # "nothing bad yet" (larger than any step * 8 + code)
+
+
 class LMoETrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._extra: dict[str, torch.Tensor] = {}
         self._extra_n = 0
+        self._first_bad: torch.Tensor | None = None  # on device: min over events of step * 8 + code
+
+    # ------------------------------------------------------------ non-finite loss / gradient detection
+    def _flag_nonfinite(self, value: torch.Tensor, code_offset: int) -> None:
+        """Record ``value`` if it is the first non-finite one, without a host sync."""
+        value = value.detach().float().reshape(())
+        step = self.state.global_step + 1  # the optimizer step this value belongs to, as logged
+        code = torch.where(torch.isnan(value), 0, torch.where(value > 0, 1, 2)) + code_offset
+        event = torch.where(torch.isfinite(value), _NO_BAD, step * 8 + code)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), _NO_BAD, dtype=torch.long, device=value.device)
+        self._first_bad = torch.minimum(self._first_bad, event)
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first step with a non-finite loss or gradient norm.
+
+        One host sync (and under DDP one all-reduce: every rank calls this at the same points, where
+        Trainer logs or saves)."""
+        if self._first_bad is None:
+            return
+        first = self._first_bad.clone()
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        first = int(first)  # the host sync
+        if first < _NO_BAD:
+            self._close_progress_bars()  # so that the error is the last line on the terminal
+            step, code = divmod(first, 8)
+            raise FloatingPointError(f"{_BAD_WHAT[code]} at step {step}; stopped before saving anything from it "
+                                     f"(earlier checkpoints in {self.args.output_dir} are kept)")
+
+    def _close_progress_bars(self) -> None:
+        for cb in self.callback_handler.callbacks:
+            for name in ("training_bar", "prediction_bar"):
+                bar = getattr(cb, name, None)
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
+                    setattr(cb, name, None)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._flag_nonfinite(loss, 0)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None:  # a tensor (a float under DeepSpeed)
+            self._flag_nonfinite(torch.as_tensor(grad_norm), 3)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_finite()  # never write a checkpoint from a step with a non-finite loss
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -44,14 +109,29 @@ class LMoETrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs or "train_loss" in logs:  # called by every rank at the same steps
+            self.check_finite()
         if "loss" in logs and self._extra_n:
-            for key, total in self._extra.items():
-                logs[key] = round(float(total) / self._extra_n, 6)
-            self._extra, self._extra_n = {}, 0
+            keys = sorted(self._extra)
+            values = [self._extra[k] / self._extra_n for k in keys]
             entropy = self._router_entropy()
             if entropy is not None:
-                logs["router_entropy"] = round(entropy, 4)
+                keys.append("router_entropy")
+                values.append(torch.tensor(entropy))
+            if values:
+                device = values[0].device
+                means = self._mean_over_ranks(torch.stack([v.to(device) for v in values])).tolist()
+                for key, value in zip(keys, means):
+                    logs[key] = round(value, 4 if key == "router_entropy" else 6)
+            self._extra, self._extra_n = {}, 0
         super().log(logs, *args, **kwargs)
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over DDP ranks (like Trainer's logged loss), so that log.csv describes the whole batch."""
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            t = t / self.args.world_size
+        return t
 
     def _router_entropy(self) -> float | None:
         model = self.accelerator.unwrap_model(self.model)
@@ -76,10 +156,28 @@ class LMoETrainer(Trainer):
 
 
 class CSVLogger(TrainerCallback):
-    """Appends each log dict to ``<output_dir>/log.csv`` (fixed columns, rank 0 only)."""
+    """Appends each log dict to ``<output_dir>/log.csv`` (fixed columns, rank 0 only).
+
+    At the start of training it keeps only the rows up to the current step: none for a fresh run
+    (so an overwritten run starts a fresh log), the checkpoint's for a resumed one."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= state.global_step]
+        if not rows:
+            self.path.unlink()
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -93,13 +191,3 @@ class CSVLogger(TrainerCallback):
             if new:
                 w.writeheader()
             w.writerow(row)
-
-
-class NonFiniteLossStop(TrainerCallback):
-    """Stops training with a clear error when the logged loss is NaN or infinite."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {state.global_step}; stopping "
-                                     f"(last checkpoint in {args.output_dir} is kept)")

@@ -42,3 +42,17 @@ def tiny_tokenizer():
 def tiny_tokenizer_no_bos():
     """Like ``tiny_tokenizer`` but adds no special tokens, as SmolLM2's tokenizer."""
     return build_tiny_tokenizer(add_bos=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tiny models run fastest on one thread (no OpenMP barriers); the SmolLM2 tests keep the default."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
