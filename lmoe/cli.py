@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="adapter folder (omit to evaluate the base model)")
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="first N examples per task")
-    e.add_argument("--output", default=None, help="JSON path (default: <adapter>/eval.json or ./eval.json)")
+    e.add_argument("--output", default=None,
+                   help="JSON path, with a .md report beside it (default: <adapter>/eval.json or ./eval.json)")
+    e.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation budget for gsm8k exact match / mbpp pass@1 (0: skip generation)")
 
     g = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
     g.add_argument("--model", default=None)
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    from .inspect import add_parser as add_inspect_parser
+
+    add_inspect_parser(sub)
     return parser
 
 
@@ -109,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "inspect":
+            from .inspect import cmd_inspect
+
+            return cmd_inspect(args)
         return cmd_generate(args)
     except UsageError as e:
         print(f"lmoe: error: {e}", file=sys.stderr)
@@ -306,6 +316,7 @@ def cmd_train(args) -> int:
 
     from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples, split_validation
     from .model import _atomic_write, get_lmoe_model
+    from .inspect import CollapseDetector
     from .train import CSVLogger, LMoETrainer
 
     set_seed(args.seed)
@@ -341,7 +352,7 @@ def cmd_train(args) -> int:
     )
     trainer = LMoETrainer(model=lmoe_model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=DataCollator(tokenizer.pad_token_id),
-                          callbacks=[CSVLogger(out / "log.csv")])
+                          callbacks=[CSVLogger(out / "log.csv"), CollapseDetector(threshold=0.5)])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0
@@ -362,7 +373,7 @@ def cmd_train(args) -> int:
 
     if args.eval_limit:
         _evaluate_and_report(lmoe_model, tokenizer, args.data, args.seq_len, args.batch_size, args.eval_limit,
-                             out / "eval.json")
+                             out / "eval.json", max_new_tokens=192 if demo else 256)
     if demo:
         prompt = "Question: Which gas do plants absorb from the air?\nAnswer:"
         print(f"\nlmoe: sample generation\n> {prompt}\n{_generate(lmoe_model, tokenizer, prompt, 32, False)}")
@@ -386,14 +397,16 @@ def _print_data_stats(stats: dict) -> None:
     print("lmoe: training data: " + "; ".join(parts), file=sys.stderr)
 
 
-def _evaluate_and_report(model, tokenizer, data, seq_len, batch_size, limit, out_path, split="test"):
+def _evaluate_and_report(model, tokenizer, data, seq_len, batch_size, limit, out_path, split="test",
+                         max_new_tokens=256):
     from .dataset import BUNDLED_DATA, load_examples
     from .evaluate import evaluate, format_table, save_results
 
     examples = load_examples(data or [BUNDLED_DATA], split=split)
-    results = evaluate(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size, limit=limit)
+    results = evaluate(model, tokenizer, examples, seq_len=seq_len, batch_size=batch_size, limit=limit,
+                       generate_tasks=max_new_tokens > 0, max_new_tokens=max(max_new_tokens, 1))
     print(format_table(results))
-    save_results(results, out_path)
+    save_results(results, out_path, markdown=True)
     print(f"lmoe: evaluation written to {out_path}")
     return results
 
@@ -410,6 +423,8 @@ def _load(model_name, adapter):
 
 def cmd_eval(args) -> int:
     _check_positive(args, "batch_size", "seq_len")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.adapter:  # fail on a bad adapter before the (slow) model load
@@ -417,7 +432,8 @@ def cmd_eval(args) -> int:
         load_adapter_config(args.adapter)
     model, tokenizer = _load(args.model, args.adapter)
     out = Path(args.output) if args.output else Path(args.adapter or ".") / "eval.json"
-    _evaluate_and_report(model, tokenizer, args.data, args.seq_len, args.batch_size, args.limit, out, args.split)
+    _evaluate_and_report(model, tokenizer, args.data, args.seq_len, args.batch_size, args.limit, out, args.split,
+                         args.max_new_tokens)
     return 0
 
 

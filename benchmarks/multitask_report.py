@@ -1,0 +1,127 @@
+"""Summarise results/multitask/*.json as markdown (the "Does L-MoE beat LoRA?" section of docs/results.md).
+
+    python benchmarks/multitask_report.py [--dir results/multitask] > /tmp/section.md
+
+Per task: mean ± std over seeds of each method's main score and test loss. For each L-MoE variant
+against ``lora``: a paired bootstrap 95% confidence interval of the difference, resampling test
+examples (the same resampled examples for both methods and every seed; the difference is averaged
+over the seeds both methods have). Needs the per-example arrays the runs store; runs without them
+get no interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+ORDER = ["base", "lora", "lora-r", "lmoe", "lmoe-factor", "lmoe-top2"]
+MAIN = {"boolq": "accuracy", "arc_easy": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1",
+        "tinyshakespeare": "test_loss"}
+
+
+def load(d: Path) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for p in sorted(d.glob("*.json")):
+        r = json.loads(p.read_text())
+        runs.setdefault(r["method"], {})[r["seed"]] = r
+    return runs
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def paired_bootstrap(a: dict[int, dict], b: dict[int, dict], task: str, key: str, reps: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float] | None:
+    """Mean of (a - b) per example, averaged over shared seeds, with a 95% percentile interval."""
+    seeds = sorted(set(a) & set(b))
+    arrays = []
+    for s in seeds:
+        pa = a[s]["metrics"].get(task, {}).get("per_example", {}).get(key)
+        pb = b[s]["metrics"].get(task, {}).get("per_example", {}).get(key)
+        if pa is None or pb is None or len(pa) != len(pb):
+            return None
+        arrays.append([x - y for x, y in zip(pa, pb)])
+    if not arrays:
+        return None
+    n = len(arrays[0])
+    diff = [statistics.mean(col) for col in zip(*arrays)]  # per example, averaged over seeds
+    rng = random.Random(seed)
+    boots = sorted(statistics.mean(diff[rng.randrange(n)] for _ in range(n)) for _ in range(reps))
+    return statistics.mean(diff), boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
+
+
+def report(runs: dict[str, dict[int, dict]]) -> str:
+    methods = [m for m in ORDER if m in runs] + sorted(set(runs) - set(ORDER))
+    tasks = sorted({t for m in runs.values() for r in m.values() for t in r["metrics"]})
+    out = []
+    any_run = next(iter(next(iter(runs.values())).values()))
+    s = any_run.get("settings", {})
+    out.append(f"Profile `{any_run['profile']}`: {s.get('max_steps')} steps × batch {s.get('batch_size')}, "
+               f"sequence length {s.get('seq_len')}, lr {s.get('lr')} (cosine), N={s.get('num_experts')}, "
+               f"r={s.get('rank')}; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
+               f"accuracy, first {s.get('gen_limit') or 'all'} for gsm8k / mbpp generation.\n")
+    head = ["method", "seeds", "trainable params", "train tokens", "wall min"]
+    out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for m in methods:
+        rs = list(runs[m].values())
+        out.append(f"| {m} | {len(rs)} | {rs[0]['trainable_params']:,} | {rs[0]['train_tokens']:,} | "
+                   f"{statistics.mean(r['total_wall_s'] for r in rs) / 60:.1f} |")
+    out.append("")
+    out.append("Main score per task (mean ± std over seeds; accuracy / exact match / pass@1, higher is better; "
+               "tinyshakespeare: test loss, lower is better):\n")
+    out.append("| method | " + " | ".join(f"{t} ({MAIN.get(t, 'test_loss')})" for t in tasks) + " |")
+    out.append("|---|" + "---:|" * len(tasks))
+    for m in methods:
+        cells = [mean_std([r["metrics"][t][MAIN.get(t, "test_loss")] for r in runs[m].values()
+                           if MAIN.get(t, "test_loss") in r["metrics"].get(t, {})]) for t in tasks]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append("\nTest loss on answer tokens (mean ± std over seeds, lower is better):\n")
+    out.append("| method | " + " | ".join(tasks) + " |")
+    out.append("|---|" + "---:|" * len(tasks))
+    for m in methods:
+        cells = [mean_std([r["metrics"][t]["test_loss"] for r in runs[m].values() if t in r["metrics"]])
+                 for t in tasks]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "lora" in runs:
+        out.append("\nPaired bootstrap, L-MoE variant − `lora` (95% interval over test examples; loss: "
+                   "negative = L-MoE better; scores: positive = L-MoE better):\n")
+        out.append("| variant | task | metric | difference | 95% interval | verdict |")
+        out.append("|---|---|---|---:|---|---|")
+        for m in (x for x in methods if x.startswith("lmoe")):
+            for t in tasks:
+                for key in ("loss", MAIN.get(t)):
+                    if key in (None, "test_loss"):
+                        continue
+                    ci = paired_bootstrap(runs[m], runs["lora"], t, key)
+                    if ci is None:
+                        continue
+                    est, lo, hi = ci
+                    better = (hi < 0) if key == "loss" else (lo > 0)
+                    worse = (lo > 0) if key == "loss" else (hi < 0)
+                    verdict = "L-MoE better" if better else "LoRA better" if worse else "no significant difference"
+                    out.append(f"| {m} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", default="results/multitask")
+    a = p.parse_args(argv)
+    runs = load(Path(a.dir))
+    if not runs:
+        print(f"no results in {a.dir}")
+        return 1
+    print(report(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

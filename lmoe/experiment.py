@@ -1,0 +1,209 @@
+"""The multi-task experiment: does a mixture of LoRA experts beat plain LoRA on the bundled mix?
+
+Every method gets the same data, steps, batch, sequence length, schedule and seeds; only the adapter
+differs. One run = one (method, seed) = one JSON file in ``results/multitask/``; finished runs are
+skipped, so the experiment resumes where it stopped (a run interrupted midway starts over).
+
+Methods (N = 8 experts of rank r = 8 on all 7 projections):
+
+* ``base``: the untrained model (greedy decoding, so one seed says everything; run for seed 0 only).
+* ``lora``: PEFT LoRA whose rank is chosen so its trainable parameters match ``lmoe``'s, gates included.
+* ``lora-r``: PEFT LoRA of rank r (rank-matched to one expert).
+* ``lmoe`` (dense softmax, delta), ``lmoe-factor`` (dense softmax, factor), ``lmoe-top2`` (top-2 of N).
+
+LoRA uses alpha = 2 * rank, as lmoe does (alpha = 16 for r = 8), so every method starts with the same
+update scale alpha / r = 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METHODS = ("base", "lora", "lora-r", "lmoe", "lmoe-factor", "lmoe-top2")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Profile:
+    name: str
+    seq_len: int
+    batch_size: int
+    max_steps: int
+    lr: float
+    # test examples per task: loss / accuracy pass, and the generation-scored tasks (gsm8k, mbpp)
+    eval_limit: int
+    gen_limit: int
+    max_new_tokens: int
+    num_experts: int = 8
+    rank: int = 8
+    warmup_ratio: float = 0.05
+    aux_loss_coef: float = 1e-2
+    extra: dict = field(default_factory=dict)
+
+
+PROFILES = {
+    # Fits a 2-core CPU: ~15-25 min per trained run. Test subsets: the first rows of each test file.
+    "cpu": Profile("cpu", seq_len=256, batch_size=8, max_steps=120, lr=3e-4, eval_limit=150, gen_limit=30,
+                   max_new_tokens=192),
+    # For a GPU: full test sets, longer training.
+    "gpu": Profile("gpu", seq_len=512, batch_size=16, max_steps=2000, lr=2e-4, eval_limit=0, gen_limit=0,
+                   max_new_tokens=384),
+}
+
+
+def build_method(method: str, model, profile: Profile):
+    """Wrap ``model`` for ``method``; returns the trainable model (or the base for ``base``)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .config import LMoEConfig
+    from .model import get_lmoe_model
+
+    n, r = profile.num_experts, profile.rank
+    if method == "base":
+        return model
+    if method.startswith("lmoe"):
+        kw = {"lmoe": {}, "lmoe-factor": {"composition": "factor"},
+              "lmoe-top2": {"router": "topk", "top_k": 2}}[method]
+        return get_lmoe_model(model, LMoEConfig(num_experts=n, rank=r, alpha=2 * r, target_modules=TARGETS,
+                                                aux_loss_coef=profile.aux_loss_coef, **kw))
+    if method in ("lora", "lora-r"):
+        rank = r if method == "lora-r" else matched_lora_rank(model, n, r)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def matched_lora_rank(model, n: int, r: int) -> int:
+    """LoRA rank whose parameter count is closest to L-MoE's N*r*(in+out) + N*in (gates) per layer."""
+    import torch.nn as nn
+
+    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
+    lmoe = sum(n * r * (i + o) + n * i for i, o in shapes)
+    per_rank = sum(i + o for i, o in shapes)
+    return max(1, round(lmoe / per_rank))
+
+
+def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: Path, progress: bool = True) -> dict:
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples
+    from .models import load_model
+    from .train import CSVLogger, LMoETrainer
+
+    t0 = time.time()
+    set_seed(seed)
+    model, tok = load_model("smollm2-135m")
+    model = build_method(method, model, profile)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "base" else 0
+    train_tokens = 0
+    run_dir = work_dir / f"{method}-seed{seed}"
+    if method != "base":
+        examples = load_examples([BUNDLED_DATA], split="train")
+        train_ds, stats = build_dataset(tok, examples, profile.seq_len, seed=seed)
+        targs = TrainingArguments(
+            output_dir=str(run_dir), max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
+            learning_rate=profile.lr, lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
+            data_seed=seed, logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+            include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds,
+                              data_collator=DataCollator(tok.pad_token_id), callbacks=[CSVLogger(run_dir / "log.csv")])
+        trainer.train()
+        train_tokens = int(trainer.state.num_input_tokens_seen)
+    train_s = time.time() - t0
+    metrics, routing = evaluate_suite(model, tok, profile, progress=progress)
+    result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": trainable,
+              "train_tokens": train_tokens, "metrics": metrics,
+              "train_wall_s": round(train_s, 1), "total_wall_s": round(time.time() - t0, 1),
+              "settings": asdict(profile)}
+    if routing is not None:
+        result["routing_mean_entropy"] = routing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{method}-seed{seed}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return result
+
+
+def evaluate_suite(model, tok, profile: Profile, progress: bool = True):
+    """Per-task test metrics in the experiment's JSON shape, and the mean routing entropy (lmoe only)."""
+    from .dataset import BUNDLED_DATA, load_examples
+    from .evaluate import evaluate
+
+    examples = load_examples([BUNDLED_DATA], split="test")
+    by_task: dict[str, list] = {}
+    for ex in examples:
+        by_task.setdefault(ex["task"], []).append(ex)
+    cut = lambda rows, k: rows[:k] if k else rows  # noqa: E731
+    loss_rows = [ex for rows in by_task.values() for ex in cut(rows, profile.eval_limit)]
+    res = evaluate(model, tok, loss_rows, seq_len=profile.seq_len, batch_size=profile.batch_size,
+                   progress=progress, generate_tasks=False, per_example=True)
+    gen_rows = [ex for t in ("gsm8k", "mbpp") for ex in cut(by_task.get(t, []), profile.gen_limit)]
+    gen = evaluate(model, tok, gen_rows, seq_len=profile.seq_len, batch_size=profile.batch_size,
+                   progress=progress, generate_tasks=True, max_new_tokens=profile.max_new_tokens,
+                   per_example=True) if gen_rows else None
+    metrics = {}
+    for task, m in res["tasks"].items():
+        entry = {"test_loss": m["test_loss"], "perplexity": m["perplexity"], "examples": m["examples"]}
+        per = dict(m.get("per_example", {}))
+        if "accuracy" in m:
+            entry["accuracy"] = m["accuracy"]
+            entry["accuracy_norm"] = m.get("accuracy_norm")
+        if gen is not None and task in gen["tasks"]:
+            g = gen["tasks"][task]
+            for key in ("exact_match", "pass@1", "syntax_error_rate"):
+                if key in g:
+                    entry[key] = g[key]
+            entry["generated_examples"] = g["examples"]
+            per.update({k: v for k, v in g.get("per_example", {}).items() if k != "loss"})
+        entry["per_example"] = per  # row-ordered lists for the paired bootstrap
+        metrics[task] = entry
+    routing = res.get("routing", {}).get("mean_entropy")
+    return metrics, routing
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="The multi-task experiment (resumable: finished runs are skipped).")
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="results/multitask")
+    p.add_argument("--work-dir", default="runs/multitask", help="training logs (not committed)")
+    p.add_argument("--max-steps", type=int, default=None, help="override the profile (smoke tests)")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--gen-limit", type=int, default=None)
+    a = p.parse_args(argv)
+    profile = PROFILES[a.profile]
+    for k in ("max_steps", "eval_limit", "gen_limit"):
+        if getattr(a, k) is not None:
+            setattr(profile, k, getattr(a, k))
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    out = Path(a.out)
+    for seed in a.seeds:
+        for method in a.methods:
+            if method == "base" and seed != a.seeds[0]:
+                continue  # deterministic: one run says everything
+            path = out / f"{method}-seed{seed}.json"
+            if path.exists():
+                print(f"skip {path} (done)")
+                continue
+            print(f"run {method} seed {seed} ({a.profile})", flush=True)
+            r = run_one(method, seed, profile, out, Path(a.work_dir))
+            print(json.dumps({k: r[k] for k in ("method", "seed", "trainable_params", "total_wall_s")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
