@@ -10,6 +10,10 @@
 * An adapter is a directory with ``adapter_config.json`` and ONE ``adapter_model.safetensors`` whose keys
   are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` relative to the base model. Loading is
   strict and never unpickles anything.
+* ``save_pretrained(dir, state_dict=...)`` takes the adapter from a full state dict of the wrapped model
+  (what Trainer hands over under FSDP / DeepSpeed, where the live parameters are shards): the keys are
+  matched against this model's adapter keys after removing wrapper prefixes (``module.``,
+  ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``, ``_orig_mod.``, ``base_model.``).
 * **Saves are atomic per file and consistent as a pair.** Each file is written to a temp file, fsynced
   and renamed over the old one: weights first, then the config. The weights file also carries the
   config in its metadata, and loading checks the two agree. So a save killed at any point leaves
@@ -227,13 +231,47 @@ class LMoEModel(nn.Module):
             sd[f"{name}.router.weight"] = m.router.weight.detach().contiguous()
         return sd
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored) -> None:
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The full shape of every adapter tensor, from the layers' sizes (not from the live parameters,
+        which under FSDP are shards)."""
+        shapes = {}
+        for name, m in self.lmoe_layers().items():
+            n, r = m.num_experts, m.rank
+            shapes[f"{name}.lora_A"] = (n, r, m.in_features)
+            shapes[f"{name}.lora_B"] = (n, m.out_features, r)
+            shapes[f"{name}.router.weight"] = (n, m.in_features)
+        return shapes
+
+    def adapter_state_dict_from(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This model's adapter tensors picked out of a full state dict of the (possibly wrapped) model.
+
+        Keys may carry wrapper prefixes (see the module docstring); every adapter key must be there with
+        its full shape, else ``ValueError`` (a sharded state dict cannot be saved as an adapter)."""
+        shapes = self.adapter_shapes()
+        found = {}
+        for key, value in state_dict.items():
+            name = adapter_key(key)
+            if name in shapes:
+                found[name] = value
+        missing = sorted(set(shapes) - set(found))
+        if missing:
+            raise ValueError(f"the state dict lacks {len(missing)} adapter tensor(s) {_few(missing)} "
+                             f"(it has {len(state_dict)} entries)")
+        bad = [f"{k}: {tuple(v.shape)} vs {shapes[k]}" for k, v in found.items() if tuple(v.shape) != shapes[k]]
+        if bad:
+            raise ValueError(f"adapter tensor(s) in the state dict are not full (sharded?): {_few(bad)}")
+        return {k: found[k].detach().contiguous() for k in shapes}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **_ignored) -> None:
+        """Write the adapter: from the live parameters, or from ``state_dict`` (a full state dict of the
+        wrapped model, as Trainer gives under FSDP) when one is given."""
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         base = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
         meta = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base,
                 "config": self.lmoe_config.to_dict()}
-        sd = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
+        adapter = self.adapter_state_dict() if state_dict is None else self.adapter_state_dict_from(state_dict)
+        sd = {k: v.cpu() for k, v in adapter.items()}
         st_meta = {"format": "pt", "lmoe": "1", "lmoe_config": json.dumps(meta["config"], sort_keys=True)}
         # Weights first, then config; see the module docstring for what a kill between the two leaves.
         _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata=st_meta))
@@ -282,7 +320,21 @@ class LMoEModel(nn.Module):
                            f"{name}.router.weight": m.router.weight})
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(sd[k])  # copy_ keeps the parameter's dtype, device and storage layout
+                p.copy_(_like(sd[k], p))  # copy_ keeps the parameter's dtype, device and storage layout
+
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def adapter_key(key: str) -> str:
+    """A state-dict key of the wrapped model as an adapter key: wrapper prefixes (DDP's ``module.``,
+    FSDP1's ``_fsdp_wrapped_module.``, checkpoint wrappers', torch.compile's ``_orig_mod.``) and
+    ``LMoEModel``'s ``base_model.`` removed. ``base_model.model.layers.0.mlp.up_proj.lora_A`` ->
+    ``model.layers.0.mlp.up_proj.lora_A``."""
+    for part in _WRAPPER_PARTS:
+        key = key.replace(part, "")
+    key = key.removeprefix("module.")
+    return key.removeprefix("base_model.")
 
 
 def load_adapter_config(adapter_dir: str | os.PathLike) -> LMoEConfig:
@@ -325,6 +377,16 @@ def _saved_config(path: Path) -> LMoEConfig | None:
         return None if text is None else LMoEConfig.from_dict(json.loads(text))
     except (SafetensorError, OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable lmoe metadata ({e})") from None
+
+
+def _like(src: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``src`` (a full tensor) as ``param`` holds it: this rank's shard when ``param`` is an FSDP2 DTensor."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every rank read the same file: each takes its own shard, no communication.
+        return distribute_tensor(src.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    return src
 
 
 def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

@@ -13,6 +13,12 @@ checkpoints, DDP through Accelerate/torchrun) are Trainer's; what is ours is sma
   (and, under DDP, min-reduced across ranks) only where Trainer logs or saves a checkpoint, so a NaN
   is reported with the step it happened at and never reaches a checkpoint. (Trainer's own
   ``logging_nan_inf_filter`` would hide it from the log and syncs every step; ``lmoe train`` turns it off.)
+* **FSDP** (through an Accelerate config, see ``examples/accelerate_fsdp.yaml``): Trainer gathers a
+  FULL_STATE_DICT on rank 0 and hands it to ``_save``, which takes the adapter from it (the live
+  parameters are shards); a SHARDED_STATE_DICT config is refused, since Trainer would then never call
+  ``_save`` and the run would end without an adapter. Under FSDP2 (``fully_shard``, which refuses
+  non-contiguous parameters) ``lora_B`` is made contiguous before wrapping. Resuming loads the adapter
+  into the sharded model (FSDP1: inside ``summon_full_params``; FSDP2: each rank takes its shard).
 * ``CSVLogger`` appends every log line to ``<output_dir>/log.csv``; on a resumed run it first drops the
   rows after the checkpoint's step, so the file reads as one uninterrupted run.
 """
@@ -39,12 +45,59 @@ _BAD_WHAT = ("training loss is nan", "training loss is inf", "training loss is -
 _NO_BAD = 2**62  # "nothing bad yet" (larger than any step * 8 + code)
 
 
+def check_fsdp_plugin(plugin) -> None:
+    """Refuse FSDP settings under which no full adapter would be saved."""
+    kind = str(getattr(plugin, "state_dict_type", ""))
+    if "FULL_STATE_DICT" not in kind:
+        raise ValueError(f"FSDP with state_dict_type {kind or None}: lmoe saves the adapter from a full state "
+                         f"dict; set fsdp_state_dict_type: FULL_STATE_DICT in the Accelerate config")
+
+
+def make_adapter_contiguous(model: torch.nn.Module) -> int:
+    """Replace non-contiguous trainable parameters (``lora_B``'s permuted storage) by contiguous copies,
+    for FSDP2's ``fully_shard``; call before the optimizer is built. Returns how many were replaced."""
+    n = 0
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad and not p.is_contiguous():
+                setattr(module, name, torch.nn.Parameter(p.detach().contiguous(), requires_grad=True))
+                n += 1
+    return n
+
+
+def load_adapter_distributed(model: torch.nn.Module, adapter_dir: str) -> None:
+    """Load an adapter into an ``LMoEModel`` that may be wrapped (DDP, FSDP1) or sharded (FSDP2), on
+    every rank (collective under FSDP1)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    from .model import LMoEModel
+
+    inner = model
+    while not isinstance(inner, LMoEModel) and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module  # DDP / FSDP1 wrappers
+    if isinstance(model, FSDP1):
+        with FSDP1.summon_full_params(model, writeback=True):
+            inner.load_adapter_weights(adapter_dir)
+    else:  # plain, DDP, or FSDP2 (DTensor parameters: load_adapter_weights takes each rank's shard)
+        inner.load_adapter_weights(adapter_dir)
+
+
 class LMoETrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._extra: dict[str, torch.Tensor] = {}
         self._extra_n = 0
         self._first_bad: torch.Tensor | None = None  # on device: min over events of step * 8 + code
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            check_fsdp_plugin(plugin)
+            if getattr(plugin, "fsdp_version", 1) == 2:
+                make_adapter_contiguous(self.model)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.args.process_index == 0:
+            # Accelerate turns FSDP on only on an accelerator (GPU, XPU, ...); elsewhere it drops it silently.
+            logger.warning("the Accelerate config asks for FSDP, but Accelerate runs %s here (FSDP needs a GPU or "
+                           "another accelerator): every rank holds the whole model",
+                           self.accelerator.distributed_type)
 
     # ------------------------------------------------------------ non-finite loss / gradient detection
     def _flag_nonfinite(self, value: torch.Tensor, code_offset: int) -> None:
@@ -148,11 +201,12 @@ class LMoETrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # Under FSDP Trainer passes the full state dict gathered on this rank (the parameters are shards).
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        model.load_adapter_weights(resume_from_checkpoint)
+        # Trainer passes the wrapped model under FSDP (after prepare), nothing otherwise (before prepare).
+        load_adapter_distributed(model if model is not None else self.model, resume_from_checkpoint)
 
 
 class CSVLogger(TrainerCallback):
