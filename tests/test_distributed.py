@@ -1,4 +1,11 @@
-"""DDP on CPU (gloo): ``torchrun --nproc_per_node 2 -m lmoe train`` against single-process runs.
+"""Scale-out on CPU (gloo), against single-process runs:
+
+* DDP through ``torchrun --nproc_per_node 2 -m lmoe train`` and through
+  ``accelerate launch --multi_gpu --num_processes 2 -m lmoe train`` (``--cpu`` would start one process);
+* ``examples/accelerate_fsdp.yaml``: accepted by Accelerate; on CPU Accelerate runs it as DDP (FSDP only
+  on accelerators), which lmoe reports;
+* FSDP1 (that config's wrapping) and FSDP2 driven by torch directly: the adapter saved from the full
+  state dict and loaded back into the shards; the state-dict key extraction on hand-made dicts.
 
 What is equal, and why:
 
