@@ -3,7 +3,8 @@
 A thin layer over the library. ``lmoe`` with no arguments (or ``lmoe train`` with neither ``--model`` nor
 ``--data``) runs the embedded demo: SmolLM2-135M on the bundled five-task mix, a short training run, an
 evaluation on a slice of the test sets and one generation. Flags override values from ``--config FILE.yaml``
-(keys are the flags' names with underscores). Errors a user can cause are printed as one line
+(keys are the flags' names with underscores). ``--method NAME`` starts the adapter config from a preset
+(``lmoe.presets``); only the adapter flags given explicitly (or in the YAML) override it. Errors a user can cause are printed as one line
 ``lmoe: error: ...`` with exit status 2, never a traceback.
 """
 
@@ -23,6 +24,10 @@ from pathlib import Path
 TRAIN_DEFAULTS = {"max_steps": 200, "batch_size": 8, "seq_len": 512, "eval_limit": 0}
 DEMO = {"max_steps": 30, "batch_size": 4, "seq_len": 256, "eval_limit": 8}
 _REGEX_CHARS = set(".*()[]|^$+?\\")
+# LMoEConfig fields set by flags of the same name; their flags default to None ("not given"), so that a
+# --method preset keeps its values for every flag the user did not pass.
+LMOE_FLAGS = ("num_experts", "rank", "alpha", "dropout", "composition", "router", "top_k", "aux_loss_coef",
+              "z_loss_coef", "capacity_factor", "shared_experts", "share_A")
 
 
 class UsageError(Exception):
@@ -37,6 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _float_or_none(text: str):
+    """``--capacity-factor``: a number, or 'none' (kept as the string until the config is built: None means unset)."""
+    return "none" if text.lower() == "none" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmoe", description="Mixtures of LoRA experts: train, evaluate, generate.")
     sub = parser.add_subparsers(dest="command")
@@ -46,15 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--output-dir", default=None, help="where checkpoints and the final adapter go")
     t.add_argument("--max-steps", type=int, default=None, help="default 200 (demo: 30)")
-    t.add_argument("--num-experts", type=int, default=8)
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--composition", default="delta", help="delta | factor")
-    t.add_argument("--router", default="softmax", help="softmax | topk")
-    t.add_argument("--top-k", type=int, default=2)
-    t.add_argument("--aux-loss-coef", type=float, default=1e-2)
-    t.add_argument("--z-loss-coef", type=float, default=0.0)
+    t.add_argument("--method", default=None,
+                   help="start from a method preset: lmoe, lmoe-factor, mola, hydralora, shared-expert, llava-mole, "
+                        "switch, noisy-topk (docs/methods.md); adapter flags given explicitly override it")
+    t.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="default 8; several values: per depth group (e.g. 2 4 6 8 for quarters)")
+    t.add_argument("--rank", type=int, default=None, help="default 8")
+    t.add_argument("--alpha", type=float, default=None, help="default 16")
+    t.add_argument("--dropout", type=float, default=None, help="default 0")
+    t.add_argument("--composition", default=None, help="delta (default) | factor")
+    t.add_argument("--router", default=None, help="softmax (default) | topk | noisy_topk | switch")
+    t.add_argument("--top-k", type=int, default=None, help="default 2")
+    t.add_argument("--aux-loss-coef", type=float, default=None, help="default 0.01")
+    t.add_argument("--z-loss-coef", type=float, default=None, help="default 0")
+    t.add_argument("--capacity-factor", type=_float_or_none, default=None,
+                   help="switch router: expert capacity factor (default 1.25; 'none': no limit)")
+    t.add_argument("--shared-experts", type=int, default=None, help="always-on experts (default 0)")
+    t.add_argument("--share-A", dest="share_A", action=argparse.BooleanOptionalAction, default=None,
+                   help="one A shared by all experts (HydraLoRA); default off")
     t.add_argument("--target-modules", nargs="+", default=None,
                    help="module names/suffixes, or one regex (default: the 7 Llama projections)")
     t.add_argument("--grad-accum", type=int, default=1)
@@ -153,15 +172,22 @@ def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str], args: argparse
 
 
 def _lmoe_config(args):
+    """The adapter config: the --method preset (or LMoEConfig's defaults), then the flags given explicitly."""
     from .config import LMoEConfig
 
-    kw = dict(num_experts=args.num_experts, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-              router=args.router, top_k=args.top_k, composition=args.composition,
-              aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
+    kw = {k: getattr(args, k) for k in LMOE_FLAGS if getattr(args, k, None) is not None}
+    if isinstance(kw.get("num_experts"), list) and len(kw["num_experts"]) == 1:
+        kw["num_experts"] = kw["num_experts"][0]
+    if kw.get("capacity_factor") == "none":
+        kw["capacity_factor"] = None
     if args.target_modules:
         tm = args.target_modules
         kw["target_modules"] = tm[0] if len(tm) == 1 and set(tm[0]) & _REGEX_CHARS else list(tm)
-    return LMoEConfig(**kw)
+    method = getattr(args, "method", None)
+    config = LMoEConfig.from_preset(method, **kw) if method else LMoEConfig(**kw)
+    for k in LMOE_FLAGS:
+        setattr(args, k, getattr(config, k))  # train_summary.json records the values used
+    return config
 
 
 def _check_positive(args, *names: str) -> None:

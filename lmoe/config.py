@@ -2,24 +2,32 @@
 
 It is passed down whole (to the injector, the layers, the losses and the save file) and validated
 in ``__post_init__``: every bad value raises ``ValueError`` naming the field and the value, so a
-typo never turns into a silent default.
+typo never turns into a silent default. Every field's default keeps the original L-MoE layer
+(dense softmax gate, delta composition, N experts of rank r); ``LMoEConfig.from_preset(name)`` starts
+from one of the method presets of ``lmoe.presets`` instead (docs/methods.md).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTERS = ("softmax", "topk")
+ROUTERS = ("softmax", "topk", "noisy_topk", "switch")
 COMPOSITIONS = ("delta", "factor")
 
 
 @dataclass
 class LMoEConfig:
-    num_experts: int = field(default=8, metadata={"help": "N, LoRA experts per adapted Linear."})
+    num_experts: int | list[int] = field(
+        default=8,
+        metadata={"help": "N, routed LoRA experts per adapted Linear; or a list of G ints: the adapted layers are "
+                          "split by depth into G contiguous groups and group j gets num_experts[j] "
+                          "(see experts_for_layer)."},
+    )
     rank: int = field(default=8, metadata={"help": "r, rank of each expert."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input, in [0, 1)."})
@@ -28,14 +36,32 @@ class LMoEConfig:
         metadata={"help": "PEFT rules: a string is a regex full-matched against the module path; a list "
                           "matches exact paths or path suffixes ('.q_proj')."},
     )
-    router: str = field(default="softmax", metadata={"help": "'softmax' (dense) or 'topk' (sparse gate)."})
-    top_k: int = field(default=2, metadata={"help": "Experts kept per token when router='topk'."})
+    router: str = field(
+        default="softmax",
+        metadata={"help": "'softmax' (dense), 'topk' (sparse), 'noisy_topk' (Shazeer 2017: top-k of logits plus "
+                          "trained Gaussian noise, in training only) or 'switch' (top-1 with expert capacity)."},
+    )
+    top_k: int = field(default=2, metadata={"help": "Experts kept per token when router is 'topk' or 'noisy_topk'."})
     composition: str = field(
         default="delta",
         metadata={"help": "'delta': dW = sum_i g_i B_i A_i; 'factor': dW = (sum_i g_i B_i)(sum_i g_i A_i)."},
     )
     aux_loss_coef: float = field(default=1e-2, metadata={"help": "Weight of the load-balancing loss."})
     z_loss_coef: float = field(default=0.0, metadata={"help": "Weight of the router z-loss."})
+    capacity_factor: float | None = field(
+        default=1.25,
+        metadata={"help": "router='switch': each expert takes at most C = ceil(capacity_factor * T / N) of the T "
+                          "tokens of a forward, first come first served; later tokens get gate 0 (dropped). "
+                          "None: no limit."},
+    )
+    shared_experts: int = field(
+        default=0,
+        metadata={"help": "S always-on experts (gate fixed to 1, DeepSeekMoE), stored after the N routed ones."},
+    )
+    share_A: bool = field(
+        default=False,
+        metadata={"help": "HydraLoRA: one A (r x d_in) shared by all experts, which keep their own B."},
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -47,7 +73,12 @@ class LMoEConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.num_experts) or self.num_experts < 1:
+        if isinstance(self.num_experts, tuple):
+            self.num_experts = list(self.num_experts)
+        if isinstance(self.num_experts, list):
+            if not self.num_experts or not all(is_int(n) and n >= 1 for n in self.num_experts):
+                raise bad("num_experts", "must be an integer >= 1 or a non-empty list of them")
+        elif not is_int(self.num_experts) or self.num_experts < 1:
             raise bad("num_experts", "must be an integer >= 1")
         if not is_int(self.rank) or self.rank < 1:
             raise bad("rank", "must be an integer >= 1")
@@ -69,15 +100,47 @@ class LMoEConfig:
             raise bad("composition", f"must be one of {', '.join(COMPOSITIONS)}")
         if not is_int(self.top_k) or self.top_k < 1:
             raise bad("top_k", "must be an integer >= 1")
-        if self.router == "topk" and self.top_k > self.num_experts:
-            raise ValueError(f"LMoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k!r}")
+        if self.router in ("topk", "noisy_topk") and self.top_k > self.min_experts:
+            which = "num_experts" if is_int(self.num_experts) else "the smallest num_experts"
+            raise ValueError(f"LMoEConfig.top_k must be <= {which} ({self.min_experts}), got {self.top_k!r}")
         for name in ("aux_loss_coef", "z_loss_coef"):
             if not is_num(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0")
+        if self.capacity_factor is not None and (not is_num(self.capacity_factor) or self.capacity_factor <= 0):
+            raise bad("capacity_factor", "must be a finite number > 0 or None")
+        if not is_int(self.shared_experts) or self.shared_experts < 0:
+            raise bad("shared_experts", "must be an integer >= 0")
+        if not isinstance(self.share_A, bool):
+            raise bad("share_A", "must be true or false")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def max_experts(self) -> int:
+        return max(self.num_experts) if isinstance(self.num_experts, list) else self.num_experts
+
+    @property
+    def min_experts(self) -> int:
+        return min(self.num_experts) if isinstance(self.num_experts, list) else self.num_experts
+
+    def experts_for_layer(self, layer_index: int | None, num_layers: int) -> int:
+        """Routed experts of the adapted layer at depth ``layer_index`` (0-based) of ``num_layers``.
+
+        An int ``num_experts`` applies everywhere. A list of G ints splits the depth into G contiguous
+        groups: layer i gets ``num_experts[i * G // num_layers]`` (G = 4: quarters, MoLA's 2/4/6/8;
+        G = num_layers: one entry per layer). ``layer_index=None`` (a module outside any ``layers.<i>.``)
+        gets the largest entry.
+        """
+        n = self.num_experts
+        if not isinstance(n, list):
+            return n
+        if layer_index is None:
+            return max(n)
+        if not 0 <= layer_index < num_layers:
+            raise ValueError(f"layer_index must be in [0, {num_layers}), got {layer_index!r}")
+        return n[layer_index * len(n) // num_layers]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,3 +152,12 @@ class LMoEConfig:
         if unknown:
             raise ValueError(f"LMoEConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LMoEConfig":
+        """The config of method preset ``name`` (``lmoe.presets.PRESETS``), with ``overrides`` applied on top."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls.from_dict({**copy.deepcopy(PRESETS[name]), **overrides})

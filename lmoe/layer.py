@@ -14,6 +14,18 @@ per-token d_out x d_in matrix:
     factor: u = sum_i g_i h_i;  z_i = s g_i u
     y_delta = z B^T                        # (T, d_out)
 
+Variants, all still these two GEMMs (the gates vector ``g`` is the only thing the router hands over):
+* ``shared_experts=S``: S always-on experts are S extra rank blocks *after* the N routed ones in the same
+  stacked ``lora_A`` / ``lora_B`` (shapes (N+S, r, d_in), (N+S, d_out, r)); their gates are fixed to 1,
+  so the mixture sees ``[g_1..g_N, 1..1]``. The router stays (N, d_in): shared experts have no logits.
+* ``share_A`` (HydraLoRA): ``lora_A`` is (1, r, d_in), one A for all experts; ``h = x A^T`` is (T, r),
+  computed once and broadcast to the N+S blocks in the gating (its gradient sums over the blocks).
+* ``router="noisy_topk"`` adds ``router_noise`` (a second float32 ``nn.Linear(d_in, N)``, initialised to
+  zero as in Shazeer et al. 2017, saved as ``router_noise.weight``): in training mode the logits become
+  ``W_g x + softplus(W_noise x) * eps`` with ``eps ~ N(0, 1)`` drawn from ``noise_generator`` (None: the
+  global RNG, which activation checkpointing replays); the draw is kept in ``last_noise``. Eval is
+  deterministic (no noise).
+
 Non-obvious choices:
 * ``mixture`` is a custom autograd Function that saves x, h and the gates and recomputes z in backward:
   one (T, N*r) activation per layer, like a LoRA of rank N*r (plain autograd would keep h and z).
@@ -35,17 +47,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LMoEConfig
-from .routing import route
+from .routing import noisy_logits, route
 
 
 def mixture_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
                       composition: str = "delta") -> torch.Tensor:
     """The mixture update ``s * dW(x) x`` in plain autograd (the readable reference for ``mixture``).
 
-    x: (T, d_in); A: (N*r, d_in); B: (d_out, N*r); gates: (T, N) in x's dtype. Returns (T, d_out).
+    x: (T, d_in); A: (N*r, d_in), or (r, d_in) for one shared A; B: (d_out, N*r); gates: (T, N) in x's
+    dtype. Returns (T, d_out).
     """
     t, n = gates.shape
-    h = (x @ A.t()).view(t, n, -1)  # (T, N, r)
+    h = (x @ A.t()).view(t, -1, B.shape[1] // n)  # (T, N, r), or (T, 1, r) for a shared A
     g = (gates * scaling).unsqueeze(-1)  # (T, N, 1)
     if composition == "delta":
         z = h * g  # (T, N, r)
@@ -67,8 +80,8 @@ class _Mixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, gates, scaling: float, factor: bool):
         t, n = gates.shape
-        h = x @ A.t()  # (T, N*r)
-        z, u = _gate(h.view(t, n, -1), gates, scaling, factor)
+        h = x @ A.t()  # (T, N*r), or (T, r) for a shared A
+        z, u = _gate(h.view(t, -1, B.shape[1] // n), gates, scaling, factor)
         ctx.save_for_backward(x, A, B, h, gates, u)
         ctx.scaling, ctx.factor = scaling, factor
         return z.view(t, -1) @ B.t()  # (T, d_out)
@@ -78,8 +91,8 @@ class _Mixture(torch.autograd.Function):
         x, A, B, h, gates, u = ctx.saved_tensors
         s, factor = ctx.scaling, ctx.factor
         t, n = gates.shape
-        hv = h.view(t, n, -1)  # (T, N, r)
         dz = (dy @ B).view(t, n, -1)  # (T, N, r)
+        hv = h.view(t, -1, dz.shape[-1])  # (T, N, r), or (T, 1, r) for a shared A
         dB = dA = dx = dg = None
         if ctx.needs_input_grad[2]:
             z, _ = _gate(hv, gates, s, factor)  # recomputed instead of stored
@@ -94,6 +107,8 @@ class _Mixture(torch.autograd.Function):
             # z_i = s g_i h_i
             dh = dz * (s * g)
             dg = s * (dz * hv).sum(-1)
+        if hv.shape[1] != n:
+            dh = dh.sum(dim=1)  # (T, r): the shared A was broadcast to every block
         dh = dh.reshape(t, -1)  # (T, N*r)
         if ctx.needs_input_grad[1]:
             dA = dh.t() @ x  # (N*r, d_in)
@@ -115,7 +130,8 @@ def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tens
             composition: str = "delta") -> torch.Tensor:
     """``s * dW(x) x`` for flat inputs with the fused autograd Function (same values as ``mixture_reference``).
 
-    x: (T, d_in); A: (N*r, d_in); B: (d_out, N*r); gates: (T, N); all in one dtype. Returns (T, d_out).
+    x: (T, d_in); A: (N*r, d_in), or (r, d_in) for one shared A; B: (d_out, N*r); gates: (T, N); all in
+    one dtype. Returns (T, d_out).
     """
     if composition not in ("delta", "factor"):
         raise ValueError(f"unknown composition {composition!r}")
@@ -131,20 +147,26 @@ class LMoELinear(nn.Module):
         self.config = config
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.num_experts = n = num_experts or config.num_experts
+        self.num_experts = n = num_experts or config.max_experts  # routed experts
+        self.shared_experts = s = config.shared_experts
         self.rank = r = config.rank
         self.scaling = config.scaling
         self.disabled = False
         w = getattr(base_layer, "weight", None)
         device = w.device if w is not None else None
         dtype = w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))
-        # (N, d_out, r) stored as (d_out, N, r): see the module docstring.
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, n, r, device=device, dtype=dtype).permute(1, 0, 2))
+        n_a = 1 if config.share_A else n + s  # A blocks: one shared, or one per (routed + shared) expert
+        self.lora_A = nn.Parameter(torch.empty(n_a, r, self.in_features, device=device, dtype=dtype))
+        # (N+S, d_out, r) stored as (d_out, N+S, r): see the module docstring.
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, n + s, r, device=device, dtype=dtype).permute(1, 0, 2))
         self.router = nn.Linear(self.in_features, n, bias=False, device=device, dtype=torch.float32)
+        self.router_noise = (nn.Linear(self.in_features, n, bias=False, device=device, dtype=torch.float32)
+                             if config.router == "noisy_topk" else None)
+        self.noise_generator: torch.Generator | None = None  # for the noisy router; None: the global RNG
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters()
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, gates), overwritten
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, routed gates), overwritten
+        self.last_noise: torch.Tensor | None = None  # (T, N) eps of the last noisy training forward
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -152,17 +174,20 @@ class LMoELinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
         self.lora_B.zero_()
         self.router.reset_parameters()
+        if self.router_noise is not None:
+            self.router_noise.weight.zero_()  # Shazeer et al. 2017: noise std softplus(0) = log 2 at the start
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) / .half() / .double() convert everything; the gate stays float32.
         super()._apply(fn, recurse)
-        if self.router.weight.dtype != torch.float32:
-            self.router.float()
+        for r in (self.router, self.router_noise):
+            if r is not None and r.weight.dtype != torch.float32:
+                r.float()
         return self
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, N) float32 logits of the gate for flat input x (T, d_in)."""
-        w = self.router.weight
+    def router_logits(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, N) float32 logits of the gate (or of ``w``, e.g. the noise router) for flat input x (T, d_in)."""
+        w = self.router.weight if w is None else w
         if x.dtype == w.dtype and not torch.is_autocast_enabled(x.device.type):
             return F.linear(x, w)  # the common fp32 case: no casts, no context switch
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -173,11 +198,18 @@ class LMoELinear(nn.Module):
         if self.disabled:
             return y
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
+        c = self.config
         logits = self.router_logits(flat)  # (T, N) float32
-        gates = route(logits, self.config.router, self.config.top_k)
+        if self.router_noise is not None and self.training:
+            eps = torch.randn(logits.shape, generator=self.noise_generator, device=logits.device, dtype=logits.dtype)
+            logits = noisy_logits(logits, self.router_logits(flat, self.router_noise.weight), eps)
+            self.last_noise = eps
+        gates = route(logits, c.router, c.top_k, c.capacity_factor)  # (T, N)
         self.last_routing = (logits, gates)
-        A = self.lora_A.view(-1, self.in_features)  # (N*r, d_in), a view
-        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, N*r), a view
+        if self.shared_experts:
+            gates = torch.cat([gates, gates.new_ones(gates.shape[0], self.shared_experts)], dim=-1)  # (T, N+S)
+        A = self.lora_A.view(-1, self.in_features)  # ((N+S)*r or r, d_in), a view
+        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, (N+S)*r), a view
         xd = self.dropout(flat) if self.config.dropout > 0 else flat
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
@@ -192,13 +224,16 @@ class LMoELinear(nn.Module):
         if not torch.is_grad_enabled() and y.dtype == dtype:
             # Inference (generation, eval): fewest ops per call, the add folded into the last GEMM.
             t = flat.shape[0]
-            z, _ = _gate((xd @ A.t()).view(t, self.num_experts, -1), gates, 1.0, self.config.composition == "factor")
+            z, _ = _gate((xd @ A.t()).view(t, -1, self.rank), gates, 1.0, self.config.composition == "factor")
             return torch.addmm(y.reshape(t, -1), z.view(t, -1), B.t(), alpha=self.scaling).view(y.shape)
         delta = mixture(xd, A, B, gates, self.scaling, self.config.composition)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"rank={self.rank}, router={c.router}{f'(k={c.top_k})' if c.router == 'topk' else ''}, "
-                f"composition={c.composition}, scaling={self.scaling:g}")
+        router = c.router + (f"(k={c.top_k})" if c.router in ("topk", "noisy_topk") else "")
+        router += f"(capacity_factor={c.capacity_factor})" if c.router == "switch" else ""
+        extra = (f", shared_experts={self.shared_experts}" if self.shared_experts else "") + (
+            ", share_A=True" if c.share_A else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}"
+                f"{extra}, rank={self.rank}, router={router}, composition={c.composition}, scaling={self.scaling:g}")

@@ -7,9 +7,14 @@
   ``LMoECausalLMOutput`` whose ``loss`` is ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss``;
   the routing losses are computed once per forward from each layer's last routing, with padding
   masked by ``attention_mask``.
+* Per-layer expert counts (``num_experts`` a list): a module's depth is the ``<i>`` of the first
+  ``layers.<i>.`` in its path, ranked among the distinct indices of the adapted modules (so with every
+  decoder layer adapted it is ``<i>`` itself), and ``num_layers`` is how many distinct indices there are;
+  a module without such an index gets the largest count. See ``LMoEConfig.experts_for_layer``.
 * An adapter is a directory with ``adapter_config.json`` and ONE ``adapter_model.safetensors`` whose keys
-  are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` relative to the base model. Loading is
-  strict and never unpickles anything.
+  are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` (and ``.router_noise.weight`` for the
+  noisy top-k router) relative to the base model. Shared experts are the trailing slots of ``lora_A`` /
+  ``lora_B``; with ``share_A`` ``lora_A`` is (1, r, d_in). Loading is strict and never unpickles anything.
 * ``save_pretrained(dir, state_dict=...)`` takes the adapter from a full state dict of the wrapped model
   (what Trainer hands over under FSDP / DeepSpeed, where the live parameters are shards): the keys are
   matched against this model's adapter keys after removing wrapper prefixes (``module.``,
@@ -40,12 +45,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import LMoEConfig
 from .layer import LMoELinear
-from .routing import load_balancing_loss, routing_sums, z_loss
+from .routing import dispatch_k, load_balancing_loss, routing_sums, z_loss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_KEYS = ("lora_A", "lora_B", "router.weight")
 FORMAT_VERSION = 1
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -61,6 +67,20 @@ def _matches(name: str, target: str | list[str]) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
+
+
+def layer_index(name: str) -> int | None:
+    """The ``<i>`` of the first ``layers.<i>.`` in a module path (None if there is none)."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _adapter_params(m: LMoELinear) -> dict[str, torch.Tensor]:
+    """The saved tensors of one layer by key suffix (the order is the file's)."""
+    params = {"lora_A": m.lora_A, "lora_B": m.lora_B, "router.weight": m.router.weight}
+    if m.router_noise is not None:
+        params["router_noise.weight"] = m.router_noise.weight
+    return params
 
 
 def get_lmoe_model(model: nn.Module, config: LMoEConfig) -> "LMoEModel":
@@ -90,10 +110,13 @@ class LMoEModel(nn.Module):
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no Linear module. "
                 f"Linear modules: {shown or 'none'}; their names end in: {', '.join(suffixes) or 'none'}")
+        depths = sorted({i for i in map(layer_index, chosen) if i is not None})
         for name in chosen:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LMoELinear(getattr(parent, child), config))
+            i = layer_index(name)
+            n = config.experts_for_layer(None if i is None else depths.index(i), len(depths))
+            setattr(parent, child, LMoELinear(getattr(parent, child), config, num_experts=n))
         self._layers = {n: m for n, m in model.named_modules() if isinstance(m, LMoELinear)}  # plain dict
         self._accumulate = False
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
@@ -188,7 +211,7 @@ class LMoEModel(nn.Module):
                 continue
             logits, gates = m.last_routing
             mask = _token_mask(attention_mask, logits.shape[0])
-            k = self.lmoe_config.top_k if self.lmoe_config.router == "topk" else 1
+            k = dispatch_k(self.lmoe_config.router, self.lmoe_config.top_k)
             bal.append(load_balancing_loss(logits, k, mask))
             zs.append(z_loss(logits, mask))
             if accumulate:
@@ -212,7 +235,7 @@ class LMoEModel(nn.Module):
         if tracking, else from the last forward (padding is not masked there)."""
         sums = self._sums
         if not self._accumulate or not sums:
-            k = self.lmoe_config.top_k if self.lmoe_config.router == "topk" else 1
+            k = dispatch_k(self.lmoe_config.router, self.lmoe_config.top_k)
             sums = {n: routing_sums(*m.last_routing, k) for n, m in self.lmoe_layers().items()
                     if m.last_routing is not None}
         stats = {}
@@ -226,9 +249,8 @@ class LMoEModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         sd = {}
         for name, m in self.lmoe_layers().items():
-            sd[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
-            sd[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
-            sd[f"{name}.router.weight"] = m.router.weight.detach().contiguous()
+            for key, p in _adapter_params(m).items():
+                sd[f"{name}.{key}"] = p.detach().contiguous()
         return sd
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -236,10 +258,13 @@ class LMoEModel(nn.Module):
         which under FSDP are shards)."""
         shapes = {}
         for name, m in self.lmoe_layers().items():
-            n, r = m.num_experts, m.rank
-            shapes[f"{name}.lora_A"] = (n, r, m.in_features)
-            shapes[f"{name}.lora_B"] = (n, m.out_features, r)
+            n, r = m.num_experts, m.rank  # routed experts; the shared ones are extra A / B slots
+            slots = n + m.shared_experts
+            shapes[f"{name}.lora_A"] = (1 if m.config.share_A else slots, r, m.in_features)
+            shapes[f"{name}.lora_B"] = (slots, m.out_features, r)
             shapes[f"{name}.router.weight"] = (n, m.in_features)
+            if m.router_noise is not None:
+                shapes[f"{name}.router_noise.weight"] = (n, m.in_features)
         return shapes
 
     def adapter_state_dict_from(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -316,8 +341,7 @@ class LMoEModel(nn.Module):
                              f"folder this means {CONFIG_NAME} and the weights come from different saves")
         params = {}
         for name, m in self.lmoe_layers().items():
-            params.update({f"{name}.lora_A": m.lora_A, f"{name}.lora_B": m.lora_B,
-                           f"{name}.router.weight": m.router.weight})
+            params.update({f"{name}.{key}": p for key, p in _adapter_params(m).items()})
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(_like(sd[k], p))  # copy_ keeps the parameter's dtype, device and storage layout

@@ -9,9 +9,19 @@ Definitions (docs/method.md states the same):
 
 * softmax router: ``g = softmax(l)``.
 * top-k router: keep the k largest logits, softmax over them, zeros elsewhere.
-* ``f_i``: fraction of tokens dispatched to expert i (the arg-max for the softmax router; for
-  top-k, tokens whose top-k set holds i, divided by k), so ``sum_i f_i = 1``. No gradient.
-* ``P_i``: mean over tokens of the full softmax probability of expert i (also for top-k).
+* noisy top-k router (Shazeer et al. 2017): the layer replaces ``l`` by ``H = l + softplus(l_noise) * eps``,
+  ``eps ~ N(0, 1)``, in training mode only (``noisy_logits``); then exactly the top-k router on ``H``.
+* switch router (Fedus et al. 2021): top-1 with gate ``g_i = softmax(l)_i`` for ``i = argmax l`` (not
+  renormalised, so the router gets a gradient), then expert capacity: with T tokens in the forward and N
+  experts, ``C = ceil(capacity_factor * T / N)``; token t keeps its gate iff it is among the first C
+  tokens (in flattened batch order) whose arg-max is i, else its gate is 0 (dropped: the layer gives
+  ``W0 x`` for it). ``capacity_factor=None``: no limit.
+* ``f_i``: fraction of tokens dispatched to expert i (the arg-max for the softmax and switch routers,
+  counted *before* capacity drops; for (noisy) top-k, tokens whose top-k set holds i, divided by k), so
+  ``sum_i f_i = 1``. No gradient.
+* ``P_i``: mean over tokens of the full softmax probability of expert i (also for top-k and switch).
+  The logits are those the gate acted on: for the noisy router in training, ``H`` (noise included).
+* Shared (always-on) experts have no logits: they appear in neither f nor P.
 * load-balancing loss (Switch Transformer): ``N * sum_i f_i P_i``; 1 when perfectly balanced.
 * router z-loss (ST-MoE): mean over tokens of ``logsumexp(l)^2``.
 """
@@ -21,16 +31,41 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
-def route(logits: torch.Tensor, router: str, top_k: int) -> torch.Tensor:
-    """Gates ``(T, N)`` from router logits ``(T, N)``."""
+def route(logits: torch.Tensor, router: str, top_k: int, capacity_factor: float | None = 1.25) -> torch.Tensor:
+    """Gates ``(T, N)`` from router logits ``(T, N)`` (for 'noisy_topk', logits with the noise already added)."""
     if router == "softmax":
         return logits.softmax(dim=-1)
-    if router == "topk":
+    if router in ("topk", "noisy_topk"):
         vals, idx = logits.topk(top_k, dim=-1)  # (T, k)
         return torch.zeros_like(logits).scatter(-1, idx, vals.softmax(dim=-1))
+    if router == "switch":
+        return switch_gates(logits, capacity_factor)
     raise ValueError(f"unknown router {router!r}")
+
+
+def switch_gates(logits: torch.Tensor, capacity_factor: float | None) -> torch.Tensor:
+    """Top-1 gates ``softmax(l)_i`` at the arg-max, zeroed for tokens beyond their expert's capacity."""
+    t, n = logits.shape
+    idx = logits.topk(1, dim=-1).indices  # (T, 1), the same choice as dispatch_fraction's
+    keep = torch.zeros_like(logits).scatter_(-1, idx, 1.0)  # (T, N) one-hot
+    if capacity_factor is not None:
+        capacity = math.ceil(capacity_factor * t / n)
+        position = keep.cumsum(dim=0) * keep  # (T, N): 1-based place of each token in its expert's queue
+        keep = keep * (position <= capacity)
+    return logits.softmax(dim=-1) * keep
+
+
+def noisy_logits(logits: torch.Tensor, noise_logits: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al. (2017) eq. 4: ``H = W_g x + softplus(W_noise x) * eps``; all (T, N)."""
+    return logits + F.softplus(noise_logits) * eps
+
+
+def dispatch_k(router: str, top_k: int) -> int:
+    """k of the dispatch fraction f: ``top_k`` for the top-k routers, 1 (the arg-max) for softmax and switch."""
+    return top_k if router in ("topk", "noisy_topk") else 1
 
 
 def dispatch_fraction(logits: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
