@@ -46,3 +46,13 @@ class TwoLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
+
+
+def save_tiny_model_dir(path):
+    """Save the tiny word-level tokenizer and a tiny Llama with exactly its vocabulary to ``path``."""
+    from tests.conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(add_bos=True)
+    tiny_llama(vocab_size=len(tok)).save_pretrained(path)  # every generated id decodes to a word
+    tok.save_pretrained(path)
+    return tok

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from lmoe import LMoEConfig, LMoELinear, LMoEModel, cli
-from tests.conftest import build_tiny_tokenizer
-from tests.helpers import random_ids, randomize_lora_B, tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers import save_tiny_model_dir, random_ids, randomize_lora_B, tiny_llama
 
 
 def _grads(model, ids, mask):
@@ -61,9 +51,7 @@ def test_checkpointing_gives_the_same_gradients():
 
 
 def test_train_flag_gives_the_same_adapter(tmp_path, monkeypatch):
-    tok = build_tiny_tokenizer(add_bos=True)
-    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tok = save_tiny_model_dir(tmp_path / "model")
     rows = [{"prompt": "the cat sat", "answer": " on the mat"}, {"prompt": "the dog", "answer": " ran"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
     argv = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"), "--max-steps", "3",

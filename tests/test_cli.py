@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmoe import LMoEModel, cli
-from tests.conftest import build_tiny_tokenizer
-from tests.helpers import tiny_llama
+from tests.helpers import save_tiny_model_dir
 
 ROWS = [
     {"task": "qa", "type": "yes_no", "prompt": "Question: the cat sat on the mat\nAnswer:", "answer": " yes",
@@ -27,9 +26,7 @@ ROWS = [
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     model_dir = d / "tiny-model"
-    tok = build_tiny_tokenizer(add_bos=True)
-    tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)  # every generated id decodes to a word
-    tok.save_pretrained(model_dir)
+    tok = save_tiny_model_dir(model_dir)
     data = d / "mix.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
     return d, str(model_dir), str(data)

@@ -42,28 +42,18 @@ import torch
 from safetensors.torch import load_file
 
 from lmoe import cli
-from tests.conftest import TINY_WORDS, build_tiny_tokenizer
-from tests.helpers import tiny_llama
+from tests.conftest import TINY_WORDS
+from tests.helpers import save_tiny_model_dir, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--max-steps", "4", "--seq-len", "32", "--num-experts", "4", "--rank", "2", "--lr", "1e-3",
          "--logging-steps", "1", "--save-steps", "2", "--aux-loss-coef", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
-    tok = build_tiny_tokenizer(add_bos=True)
-    tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    tok = save_tiny_model_dir(d / "model")
     rng = random.Random(0)
     words = [w for w in TINY_WORDS if ":" not in w]
     # Every row: <bos> + 4 prompt tokens, then 3 answer tokens + <eos> (the loss tokens).

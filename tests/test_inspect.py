@@ -16,7 +16,7 @@ from transformers import TrainerControl, TrainerState
 from lmoe import LMoEConfig, get_lmoe_model
 from lmoe.inspect import (CollapseDetector, add_parser, blocks, cmd_inspect, load_entropy, plot_entropy_by_layer,
                           plot_task_expert_heatmaps, routing_by_task, specialisation_score)
-from tests.helpers import randomize_lora_B, tiny_llama
+from tests.helpers import save_tiny_model_dir, randomize_lora_B, tiny_llama
 
 ROWS = [
     {"task": "qa", "type": "yes_no", "prompt": "Question: the cat sat on the mat Answer:", "answer": " yes",
@@ -192,12 +192,9 @@ def test_collapse_detector_reads_a_real_lmoe_model(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def inspect_workdir(tmp_path_factory):
-    from tests.conftest import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("inspect")
-    tok = build_tiny_tokenizer(add_bos=True)
-    tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    tok = save_tiny_model_dir(d / "model")
     lmoe_tiny(tok).save_pretrained(d / "adapter")
     (d / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return d

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lmoe import LMoEConfig, LMoEModel, cli
 from lmoe.train import LMoETrainer
 from tests.conftest import build_tiny_tokenizer
-from tests.helpers import TwoLinears, tiny_llama
+from tests.helpers import save_tiny_model_dir, TwoLinears, tiny_llama
 
 ROWS = [
     {"task": "qa", "prompt": "Question: the cat sat on the mat\nAnswer:", "answer": " yes"},
@@ -33,22 +33,10 @@ ROWS = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine's cores are shared: several OpenMP threads spin against each other and a 4-step run
-    # takes seconds instead of a tenth of one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    tok = build_tiny_tokenizer(add_bos=True)
-    tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    tok = save_tiny_model_dir(d / "model")
     (d / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))  # 16 rows: 4 steps an epoch
     return d
 
