@@ -384,6 +384,7 @@ def cmd_train(args) -> int:
     wall = time.time() - t0
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
+        _end_distributed()
         return 0
     trainable, total = lmoe_model.num_parameters_split()
     summary = {"model": args.model or "smollm2-135m", "lmoe_config": config.to_dict(),
@@ -396,6 +397,7 @@ def cmd_train(args) -> int:
     text = json.dumps(summary, indent=2, default=str) + "\n"
     _atomic_write(out / "train_summary.json", lambda p: p.write_text(text))
     print(f"lmoe: adapter saved to {out}/ (adapter_config.json, adapter_model.safetensors); log: {out}/log.csv")
+    _end_distributed()
 
     if args.eval_limit:
         _evaluate_and_report(lmoe_model, tokenizer, args.data, args.seq_len, args.batch_size, args.eval_limit,
@@ -405,6 +407,16 @@ def cmd_train(args) -> int:
         print(f"\nlmoe: sample generation\n> {prompt}\n{_generate(lmoe_model, tokenizer, prompt, 32, False)}")
         print(f"\nlmoe: demo finished; outputs in {out}/")
     return 0
+
+
+def _end_distributed() -> None:
+    """Leave the process group together: a rank that exits while gloo's threads are alive aborts (SIGABRT,
+    "terminate called without an active exception"). Rank 0 runs evaluation afterwards on its own."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _check_writable(out: Path) -> None:
