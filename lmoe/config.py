@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTERS = ("softmax", "topk", "noisy_topk", "switch")
+ROUTERS = ("softmax", "topk", "noisy_topk", "switch", "sigmoid_topk", "implicit", "static")
+TOPK_ROUTERS = ("topk", "noisy_topk", "sigmoid_topk", "implicit")  # the routers that keep top_k experts
 COMPOSITIONS = ("delta", "factor")
 
 
@@ -39,7 +40,10 @@ class LMoEConfig:
     router: str = field(
         default="softmax",
         metadata={"help": "'softmax' (dense), 'topk' (sparse), 'noisy_topk' (Shazeer 2017: top-k of logits plus "
-                          "trained Gaussian noise, in training only) or 'switch' (top-1 with expert capacity)."},
+                          "trained Gaussian noise, in training only), 'switch' (top-1 with expert capacity), "
+                          "'sigmoid_topk' (gates sigmoid(l) on the top-k, SMoRA), 'implicit' (FlyLoRA: no router; "
+                          "the top-k experts by |A_i x + bias_i|, gate 1) or 'static' (one learned weight per "
+                          "expert and layer, no input dependence: LoRA Soups' CAT)."},
     )
     top_k: int = field(default=2, metadata={"help": "Experts kept per token when router is 'topk' or 'noisy_topk'."})
     composition: str = field(
@@ -61,6 +65,37 @@ class LMoEConfig:
     share_A: bool = field(
         default=False,
         metadata={"help": "HydraLoRA: one A (r x d_in) shared by all experts, which keep their own B."},
+    )
+    core_experts: bool = field(
+        default=False,
+        metadata={"help": "CoMoL: one A (r x d_in) and one B (d_out x r) shared by all experts; expert i is an r x r "
+                          "core C_i, dW = B (sum_i g_i C_i) A."},
+    )
+    frozen_sparse_A: float | None = field(
+        default=None,
+        metadata={"help": "FlyLoRA: A is a frozen sparse random matrix with this density in (0, 1] (nonzeros per "
+                          "row = density * d_in, drawn from N(0, 1/(N*r)^2)); None: A is trained."},
+    )
+    balance_bias_rate: float = field(
+        default=0.0,
+        metadata={"help": "Aux-loss-free balancing (DeepSeek-V3, SMoRA, FlyLoRA): a per-expert bias added to the "
+                          "selection scores of a top-k router, moved by this rate * sign(mean load - load) after "
+                          "every training forward. 0: off."},
+    )
+    lora_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Targets (same matching rules) that get one plain LoRA (gate fixed to 1, no router) "
+                          "instead of a mixture, e.g. MixLoRA's attention projections."},
+    )
+    shared_router_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Sibling Linears (by last name, same parent module) that share ONE router: the first "
+                          "listed routes on its own input and the others reuse its gates (MixLoRA: gate_proj, "
+                          "up_proj, down_proj route on the MLP input)."},
+    )
+    router_init_std: float | None = field(
+        default=None,
+        metadata={"help": "Initialise the router weight from N(0, std^2) (MixLoRA: 0.02); None: like nn.Linear."},
     )
 
     def __post_init__(self) -> None:
@@ -100,7 +135,7 @@ class LMoEConfig:
             raise bad("composition", f"must be one of {', '.join(COMPOSITIONS)}")
         if not is_int(self.top_k) or self.top_k < 1:
             raise bad("top_k", "must be an integer >= 1")
-        if self.router in ("topk", "noisy_topk") and self.top_k > self.min_experts:
+        if self.router in TOPK_ROUTERS and self.top_k > self.min_experts:
             which = "num_experts" if is_int(self.num_experts) else "the smallest num_experts"
             raise ValueError(f"LMoEConfig.top_k must be <= {which} ({self.min_experts}), got {self.top_k!r}")
         for name in ("aux_loss_coef", "z_loss_coef"):
@@ -112,6 +147,40 @@ class LMoEConfig:
             raise bad("shared_experts", "must be an integer >= 0")
         if not isinstance(self.share_A, bool):
             raise bad("share_A", "must be true or false")
+        if not isinstance(self.core_experts, bool):
+            raise bad("core_experts", "must be true or false")
+        if self.core_experts and self.share_A:
+            raise ValueError("LMoEConfig.core_experts already shares A (and B); set share_A=False")
+        if self.frozen_sparse_A is not None and (not is_num(self.frozen_sparse_A)
+                                                 or not 0 < self.frozen_sparse_A <= 1):
+            raise bad("frozen_sparse_A", "must be a density in (0, 1] or None")
+        if not is_num(self.balance_bias_rate) or self.balance_bias_rate < 0:
+            raise bad("balance_bias_rate", "must be a finite number >= 0")
+        if self.balance_bias_rate > 0 and self.router not in TOPK_ROUTERS:
+            raise ValueError(f"LMoEConfig.balance_bias_rate needs a top-k router ({', '.join(TOPK_ROUTERS)}), "
+                             f"got router={self.router!r}")
+        if self.router == "implicit" and self.rank != 1:
+            raise ValueError(f"LMoEConfig.router='implicit' (FlyLoRA) routes on each expert's own rank-1 "
+                             f"activation and needs rank=1, got rank={self.rank!r}")
+        if self.router == "implicit" and (self.share_A or self.core_experts):
+            raise ValueError("LMoEConfig.router='implicit' needs each expert's own A (share_A and core_experts off)")
+        if isinstance(self.lora_modules, tuple):
+            self.lora_modules = list(self.lora_modules)
+        if self.lora_modules is not None and not (
+                (isinstance(self.lora_modules, str) and self.lora_modules)
+                or (isinstance(self.lora_modules, list) and self.lora_modules
+                    and all(isinstance(t, str) and t for t in self.lora_modules))):
+            raise bad("lora_modules", "must be None, a non-empty regex or a non-empty list of names")
+        if isinstance(self.shared_router_modules, tuple):
+            self.shared_router_modules = list(self.shared_router_modules)
+        if self.shared_router_modules is not None and not (
+                isinstance(self.shared_router_modules, list) and len(self.shared_router_modules) >= 2
+                and all(isinstance(t, str) and t and "." not in t for t in self.shared_router_modules)):
+            raise bad("shared_router_modules", "must be None or a list of at least 2 module names (no dots)")
+        if self.shared_router_modules is not None and self.router in ("implicit", "static"):
+            raise ValueError(f"LMoEConfig.shared_router_modules needs a learned router, got router={self.router!r}")
+        if self.router_init_std is not None and (not is_num(self.router_init_std) or self.router_init_std <= 0):
+            raise bad("router_init_std", "must be a finite number > 0 or None")
 
     @property
     def scaling(self) -> float:

@@ -42,6 +42,7 @@ class Profile:
     rank: int = 8
     warmup_ratio: float = 0.05
     aux_loss_coef: float = 1e-2
+    model: str = "smollm2-135m"  # anything lmoe.models.load_model takes (tests use a tiny model folder)
     extra: dict = field(default_factory=dict)
 
 
@@ -54,6 +55,48 @@ PROFILES = {
     "gpu": Profile("gpu", seq_len=512, batch_size=16, max_steps=2000, lr=2e-4, eval_limit=0, gen_limit=0,
                    max_new_tokens=384),
 }
+
+
+# The tuning sweep (issue 5): a validation split carved from train (never test), half the cpu profile's
+# steps, validation loss only. Each point is (method, Profile overrides); the aux and N/r points use the
+# lr the lr points pick for lmoe (1e-3 if it is not yet known, see docs/results.md).
+SWEEP_VAL_PER_TASK = 40
+SWEEP_PROFILE = dict(name="sweep", seq_len=256, batch_size=8, max_steps=40, lr=3e-4, eval_limit=0, gen_limit=0,
+                     max_new_tokens=0)
+SWEEP = {
+    "lora-lr3e-4": ("lora", {"lr": 3e-4}),
+    "lora-lr1e-3": ("lora", {"lr": 1e-3}),
+    "lora-lr3e-3": ("lora", {"lr": 3e-3}),
+    "lmoe-lr3e-4": ("lmoe", {"lr": 3e-4}),
+    "lmoe-lr1e-3": ("lmoe", {"lr": 1e-3}),
+    "lmoe-lr3e-3": ("lmoe", {"lr": 3e-3}),
+    "lmoe-aux0": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 0.0}),
+    "lmoe-aux1e-3": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 1e-3}),
+    "lmoe-N4r16": ("lmoe", {"lr": 1e-3, "num_experts": 4, "rank": 16}),
+    "lmoe-N16r4": ("lmoe", {"lr": 1e-3, "num_experts": 16, "rank": 4}),
+}
+
+
+def run_sweep_point(name: str, out_dir: Path, work_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+    """Train sweep point ``name`` on train minus the validation split; write its validation losses."""
+    from .dataset import BUNDLED_DATA, load_examples, split_validation
+    from .evaluate import evaluate
+
+    method, overrides = SWEEP[name]
+    profile = Profile(**{**SWEEP_PROFILE, **overrides})
+    t0 = time.time()
+    train, val = split_validation(load_examples([BUNDLED_DATA], split="train"), SWEEP_VAL_PER_TASK, seed=seed)
+    model, tok, trainable, train_tokens = train_method(method, seed, profile, train, work_dir / f"sweep-{name}",
+                                                       progress)
+    res = evaluate(model, tok, val, seq_len=profile.seq_len, batch_size=profile.batch_size, progress=progress,
+                   generate_tasks=False)
+    val_loss = {t: m["test_loss"] for t, m in res["tasks"].items()}
+    result = {"point": name, "method": method, "seed": seed, "settings": asdict(profile),
+              "trainable_params": trainable, "train_tokens": train_tokens, "val_per_task": SWEEP_VAL_PER_TASK,
+              "val_loss": val_loss, "val_loss_mean": sum(val_loss.values()) / len(val_loss),
+              "wall_s": round(time.time() - t0, 1)}
+    _write_json(out_dir / f"{name}.json", result)
+    return result
 
 
 def build_method(method: str, model, profile: Profile):
@@ -89,35 +132,45 @@ def matched_lora_rank(model, n: int, r: int) -> int:
     return max(1, round(lmoe / per_rank))
 
 
-def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: Path, progress: bool = True) -> dict:
+def train_method(method: str, seed: int, profile: Profile, examples: list[dict], run_dir: Path,
+                 progress: bool = True):
+    """Load SmolLM2, wrap it for ``method`` and train it on ``examples`` with ``profile``'s settings.
+
+    Returns (model, tokenizer, trainable params, train tokens); ``base`` is returned untrained."""
     import torch
     from transformers import TrainingArguments, set_seed
 
-    from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples
+    from .dataset import DataCollator, build_dataset
     from .models import load_model
     from .train import CSVLogger, LMoETrainer
 
-    t0 = time.time()
     set_seed(seed)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(profile.model)
     model = build_method(method, model, profile)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "base" else 0
-    train_tokens = 0
-    run_dir = work_dir / f"{method}-seed{seed}"
-    if method != "base":
-        examples = load_examples([BUNDLED_DATA], split="train")
-        train_ds, stats = build_dataset(tok, examples, profile.seq_len, seed=seed)
-        targs = TrainingArguments(
-            output_dir=str(run_dir), max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
-            learning_rate=profile.lr, lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
-            data_seed=seed, logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
-            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
-            include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds,
-                              data_collator=DataCollator(tok.pad_token_id), callbacks=[CSVLogger(run_dir / "log.csv")])
-        trainer.train()
-        train_tokens = int(trainer.state.num_input_tokens_seen)
+    if method == "base":
+        return model, tok, 0, 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_ds, _ = build_dataset(tok, examples, profile.seq_len, seed=seed)
+    targs = TrainingArguments(
+        output_dir=str(run_dir), max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
+        learning_rate=profile.lr, lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
+        data_seed=seed, logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds,
+                          data_collator=DataCollator(tok.pad_token_id), callbacks=[CSVLogger(run_dir / "log.csv")])
+    trainer.train()
+    return model, tok, trainable, int(trainer.state.num_input_tokens_seen)
+
+
+def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: Path, progress: bool = True) -> dict:
+    from .dataset import BUNDLED_DATA, load_examples
+
+    t0 = time.time()
+    examples = load_examples([BUNDLED_DATA], split="train")
+    model, tok, trainable, train_tokens = train_method(method, seed, profile, examples,
+                                                       work_dir / f"{method}-seed{seed}", progress)
     train_s = time.time() - t0
     metrics, routing = evaluate_suite(model, tok, profile, progress=progress)
     result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": trainable,
@@ -126,12 +179,15 @@ def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: P
               "settings": asdict(profile)}
     if routing is not None:
         result["routing_mean_entropy"] = routing
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{method}-seed{seed}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    _write_json(out_dir / f"{method}-seed{seed}.json", result)
     return result
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def evaluate_suite(model, tok, profile: Profile, progress: bool = True):
@@ -183,7 +239,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="override the profile (smoke tests)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--gen-limit", type=int, default=None)
+    p.add_argument("--sweep", nargs="*", default=None, metavar="POINT",
+                   help=f"run tuning-sweep points instead (none named: all); known: {', '.join(SWEEP)}")
     a = p.parse_args(argv)
+    if a.sweep is not None:
+        names = a.sweep or list(SWEEP)
+        unknown = [n for n in names if n not in SWEEP]
+        if unknown:
+            p.error(f"unknown sweep point(s) {', '.join(unknown)}; known: {', '.join(SWEEP)}")
+        out = Path(a.out if a.out != "results/multitask" else "results/sweep")
+        for name in names:
+            if (out / f"{name}.json").exists():
+                print(f"skip {out / name}.json (done)")
+                continue
+            print(f"sweep {name}", flush=True)
+            r = run_sweep_point(name, out, Path(a.work_dir))
+            print(json.dumps({k: r[k] for k in ("point", "val_loss_mean", "wall_s")}), flush=True)
+        return 0
     profile = PROFILES[a.profile]
     for k in ("max_steps", "eval_limit", "gen_limit"):
         if getattr(a, k) is not None:

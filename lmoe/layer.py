@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LMoEConfig
+from .config import TOPK_ROUTERS, LMoEConfig
 from .routing import noisy_logits, route
 
 
@@ -139,43 +139,96 @@ def mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tens
 
 
 class LMoELinear(nn.Module):
-    """Wraps ``base_layer`` (kept, frozen, and called as is) with an L-MoE adapter."""
+    """Wraps ``base_layer`` (kept, frozen, and called as is) with an L-MoE adapter.
 
-    def __init__(self, base_layer: nn.Module, config: LMoEConfig, num_experts: int | None = None):
+    ``num_experts`` routed experts (default: the config's largest count) and ``shared_experts`` always-on
+    ones (default: the config's). ``num_experts=0, shared_experts=1`` is a plain LoRA (``lora_modules``).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: LMoEConfig, num_experts: int | None = None,
+                 shared_experts: int | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.config = config
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.num_experts = n = num_experts or config.max_experts  # routed experts
-        self.shared_experts = s = config.shared_experts
+        self.num_experts = n = config.max_experts if num_experts is None else num_experts  # routed experts
+        self.shared_experts = s = config.shared_experts if shared_experts is None else shared_experts
+        if n + s < 1:
+            raise ValueError("LMoELinear needs at least one routed or shared expert")
         self.rank = r = config.rank
         self.scaling = config.scaling
         self.disabled = False
         w = getattr(base_layer, "weight", None)
         device = w.device if w is not None else None
         dtype = w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
-        n_a = 1 if config.share_A else n + s  # A blocks: one shared, or one per (routed + shared) expert
-        self.lora_A = nn.Parameter(torch.empty(n_a, r, self.in_features, device=device, dtype=dtype))
-        # (N+S, d_out, r) stored as (d_out, N+S, r): see the module docstring.
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, n + s, r, device=device, dtype=dtype).permute(1, 0, 2))
-        self.router = nn.Linear(self.in_features, n, bias=False, device=device, dtype=torch.float32)
-        self.router_noise = (nn.Linear(self.in_features, n, bias=False, device=device, dtype=torch.float32)
-                             if config.router == "noisy_topk" else None)
+        kw = dict(device=device, dtype=dtype)
+        shared_ab = config.core_experts  # CoMoL: one A and one B, the experts are r x r cores
+        n_a = 1 if (config.share_A or shared_ab) else n + s  # A blocks
+        n_b = 1 if shared_ab else n + s
+        self.lora_A = nn.Parameter(torch.empty(n_a, r, self.in_features, **kw),
+                                   requires_grad=config.frozen_sparse_A is None)
+        # (n_b, d_out, r) stored as (d_out, n_b, r): see the module docstring.
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, n_b, r, **kw).permute(1, 0, 2))
+        self.lora_C = nn.Parameter(torch.empty(n + s, r, r, **kw)) if shared_ab else None
+        learned = n > 0 and config.router not in ("implicit", "static")
+        f32 = dict(device=device, dtype=torch.float32)
+        self.router = nn.Linear(self.in_features, n, bias=False, **f32) if learned else None
+        self.router_noise = (nn.Linear(self.in_features, n, bias=False, **f32)
+                             if learned and config.router == "noisy_topk" else None)
+        self.static_gate = (nn.Parameter(torch.ones(n, **f32)) if n > 0 and config.router == "static" else None)
+        if n > 0 and config.balance_bias_rate > 0:
+            self.register_buffer("routing_bias", torch.zeros(n, **f32))
+        else:
+            self.routing_bias = None
         self.noise_generator: torch.Generator | None = None  # for the noisy router; None: the global RNG
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, routed gates), overwritten
         self.last_noise: torch.Tensor | None = None  # (T, N) eps of the last noisy training forward
+        # shared_router_modules: a follower reuses its owner's gates (a plain attribute, not a submodule)
+        self.router_owner: LMoELinear | None = None
+
+    def share_router_of(self, owner: "LMoELinear") -> None:
+        """Reuse ``owner``'s gates (it must run first in every forward); drops this layer's own router."""
+        if owner.num_experts != self.num_experts:
+            raise ValueError(f"cannot share a router of {owner.num_experts} experts with a layer of {self.num_experts}")
+        self.router = self.router_noise = self.routing_bias = None
+        object.__setattr__(self, "router_owner", owner)  # a plain reference: not a submodule, not saved
+
+    @property
+    def routed(self) -> bool:
+        """Whether this layer's own router produces per-token gates (losses and statistics come from it)."""
+        return self.num_experts > 0 and self.router_owner is None and self.config.router != "static"
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # A like nn.Linear (fan_in = d_in for each expert), B = 0: the wrapped model starts equal to the base.
-        nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
+        c = self.config
+        if c.frozen_sparse_A is not None:
+            # FlyLoRA: each row keeps max(1, int(density * d_in)) random entries from N(0, 1/R^2), R = N*r rows.
+            a = self.lora_A.view(-1, self.in_features)
+            a.zero_()
+            nnz = max(1, int(self.in_features * c.frozen_sparse_A))
+            for row in a:
+                idx = torch.randperm(self.in_features, device=a.device)[:nnz]
+                row[idx] = torch.randn(nnz, device=a.device, dtype=a.dtype) / a.shape[0]
+        else:
+            # A like nn.Linear (fan_in = d_in for each expert), B = 0: the wrapped model starts equal to the base.
+            nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
         self.lora_B.zero_()
-        self.router.reset_parameters()
+        if self.lora_C is not None:
+            self.lora_C.copy_(torch.eye(self.rank).expand_as(self.lora_C))  # each core starts as the identity
+        if self.router is not None:
+            if c.router_init_std is not None:
+                nn.init.normal_(self.router.weight, std=c.router_init_std)
+            else:
+                self.router.reset_parameters()
         if self.router_noise is not None:
             self.router_noise.weight.zero_()  # Shazeer et al. 2017: noise std softplus(0) = log 2 at the start
+        if self.static_gate is not None:
+            self.static_gate.fill_(1.0)  # CAT starts from the sum (concatenation) of the experts
+        if self.routing_bias is not None:
+            self.routing_bias.zero_()
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) / .half() / .double() convert everything; the gate stays float32.
@@ -183,7 +236,38 @@ class LMoELinear(nn.Module):
         for r in (self.router, self.router_noise):
             if r is not None and r.weight.dtype != torch.float32:
                 r.float()
+        for name in ("static_gate", "routing_bias"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float32:
+                t.data = t.data.float()
         return self
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds for this layer, by key suffix (the order is the file's)."""
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        for key, t in (("lora_C", self.lora_C), ("router.weight", self.router and self.router.weight),
+                       ("router_noise.weight", self.router_noise and self.router_noise.weight),
+                       ("static_gate", self.static_gate), ("routing_bias", self.routing_bias)):
+            if t is not None:
+                out[key] = t
+        return out
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shapes of ``adapter_tensors`` from the layer's sizes (the live tensors may be FSDP shards)."""
+        n, s, r, c = self.num_experts, self.shared_experts, self.rank, self.config
+        shapes = {"lora_A": (1 if (c.share_A or c.core_experts) else n + s, r, self.in_features),
+                  "lora_B": (1 if c.core_experts else n + s, self.out_features, r)}
+        if self.lora_C is not None:
+            shapes["lora_C"] = (n + s, r, r)
+        if self.router is not None:
+            shapes["router.weight"] = (n, self.in_features)
+        if self.router_noise is not None:
+            shapes["router_noise.weight"] = (n, self.in_features)
+        if self.static_gate is not None:
+            shapes["static_gate"] = (n,)
+        if self.routing_bias is not None:
+            shapes["routing_bias"] = (n,)
+        return shapes
 
     def router_logits(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N) float32 logits of the gate (or of ``w``, e.g. the noise router) for flat input x (T, d_in)."""
@@ -193,23 +277,56 @@ class LMoELinear(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), w.float())
 
+    def gates(self, flat: torch.Tensor) -> torch.Tensor:
+        """Routed gates (T, N) float32 for flat input (T, d_in); records ``last_routing`` for the losses."""
+        c, t = self.config, flat.shape[0]
+        if self.num_experts == 0:
+            return flat.new_zeros(t, 0, dtype=torch.float32)
+        if self.router_owner is not None:
+            owned = self.router_owner.last_routing
+            if owned is None or owned[1].shape[0] != t:
+                raise RuntimeError("a layer sharing its router (shared_router_modules) ran before the layer that "
+                                   "owns the router in this forward")
+            return owned[1]
+        if c.router == "static":
+            return self.static_gate.expand(t, -1)
+        if c.router == "implicit":
+            with torch.no_grad():  # FlyLoRA's routing has no gradient: selection by |A_i x + b_i|
+                h = self.router_logits(flat, self.lora_A.view(-1, self.in_features))  # (T, N): rank-1 experts
+                logits = (h + self.routing_bias if self.routing_bias is not None else h).abs()
+            gates = route(logits, "implicit", c.top_k)
+        else:
+            logits = self.router_logits(flat)  # (T, N) float32
+            if self.router_noise is not None and self.training:
+                eps = torch.randn(logits.shape, generator=self.noise_generator, device=logits.device,
+                                  dtype=logits.dtype)
+                logits = noisy_logits(logits, self.router_logits(flat, self.router_noise.weight), eps)
+                self.last_noise = eps
+            gates = route(logits, c.router, c.top_k, c.capacity_factor, self.routing_bias)
+        self.last_routing = (logits, gates)
+        return gates
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) for the mixture: A ((N+S)*r or r, d_in), B (d_out, (N+S)*r); views except for core experts,
+        where A = stack_i(C_i A0) and B = [B0 ... B0], so that sum_i g_i B C_i A x is the same two GEMMs."""
+        if self.lora_C is not None:
+            a0 = self.lora_A[0]  # (r, d_in)
+            A = (self.lora_C @ a0).reshape(-1, self.in_features)  # ((N+S)*r, d_in)
+            B = self.lora_B[0].repeat(1, self.lora_C.shape[0])  # (d_out, (N+S)*r)
+            return A, B
+        A = self.lora_A.view(-1, self.in_features)  # ((N+S)*r or r, d_in), a view
+        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, (N+S)*r), a view
+        return A, B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
             return y
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
-        c = self.config
-        logits = self.router_logits(flat)  # (T, N) float32
-        if self.router_noise is not None and self.training:
-            eps = torch.randn(logits.shape, generator=self.noise_generator, device=logits.device, dtype=logits.dtype)
-            logits = noisy_logits(logits, self.router_logits(flat, self.router_noise.weight), eps)
-            self.last_noise = eps
-        gates = route(logits, c.router, c.top_k, c.capacity_factor)  # (T, N)
-        self.last_routing = (logits, gates)
+        gates = self.gates(flat)  # (T, N)
         if self.shared_experts:
             gates = torch.cat([gates, gates.new_ones(gates.shape[0], self.shared_experts)], dim=-1)  # (T, N+S)
-        A = self.lora_A.view(-1, self.in_features)  # ((N+S)*r or r, d_in), a view
-        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, (N+S)*r), a view
+        A, B = self.stacked_weights()
         xd = self.dropout(flat) if self.config.dropout > 0 else flat
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
@@ -231,9 +348,11 @@ class LMoELinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        router = c.router + (f"(k={c.top_k})" if c.router in ("topk", "noisy_topk") else "")
+        router = c.router + (f"(k={c.top_k})" if c.router in TOPK_ROUTERS else "")
         router += f"(capacity_factor={c.capacity_factor})" if c.router == "switch" else ""
         extra = (f", shared_experts={self.shared_experts}" if self.shared_experts else "") + (
-            ", share_A=True" if c.share_A else "")
+            ", share_A=True" if c.share_A else "") + (", core_experts=True" if c.core_experts else "") + (
+            ", frozen_sparse_A" if c.frozen_sparse_A is not None else "") + (
+            ", router shared" if self.router_owner is not None else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}"
                 f"{extra}, rank={self.rank}, router={router}, composition={c.composition}, scaling={self.scaling:g}")

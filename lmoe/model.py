@@ -45,7 +45,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import LMoEConfig
 from .layer import LMoELinear
-from .routing import dispatch_k, load_balancing_loss, routing_sums, z_loss
+from .routing import (balance_bias_step, dispatch_k, load_balancing_loss, routing_sums, selection_counts,
+                      z_loss)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,10 +78,24 @@ def layer_index(name: str) -> int | None:
 
 def _adapter_params(m: LMoELinear) -> dict[str, torch.Tensor]:
     """The saved tensors of one layer by key suffix (the order is the file's)."""
-    params = {"lora_A": m.lora_A, "lora_B": m.lora_B, "router.weight": m.router.weight}
-    if m.router_noise is not None:
-        params["router_noise.weight"] = m.router_noise.weight
-    return params
+    return m.adapter_tensors()
+
+
+def _share_routers(layers: dict[str, LMoELinear], names: list[str]) -> None:
+    """Within each parent module, the routed layers named in ``names`` share the router of the first of them
+    (in ``names`` order) that is adapted there."""
+    groups: dict[str, dict[str, LMoELinear]] = {}
+    for path, m in layers.items():
+        parent, _, child = path.rpartition(".")
+        if child in names and m.num_experts > 0:
+            groups.setdefault(parent, {})[child] = m
+    if not any(len(g) > 1 for g in groups.values()):
+        raise ValueError(f"shared_router_modules={names!r}: no parent module has two of them adapted with "
+                         f"routed experts; adapted layers: {_few(sorted(layers))}")
+    for group in groups.values():
+        order = [group[c] for c in names if c in group]
+        for follower in order[1:]:
+            follower.share_router_of(order[0])
 
 
 def get_lmoe_model(model: nn.Module, config: LMoEConfig) -> "LMoEModel":
@@ -110,16 +125,24 @@ class LMoEModel(nn.Module):
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no Linear module. "
                 f"Linear modules: {shown or 'none'}; their names end in: {', '.join(suffixes) or 'none'}")
+        plain = {n for n in chosen if config.lora_modules is not None and _matches(n, config.lora_modules)}
         depths = sorted({i for i in map(layer_index, chosen) if i is not None})
         for name in chosen:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             i = layer_index(name)
-            n = config.experts_for_layer(None if i is None else depths.index(i), len(depths))
-            setattr(parent, child, LMoELinear(getattr(parent, child), config, num_experts=n))
+            if name in plain:  # one plain LoRA: no routed expert, one always-on one
+                layer = LMoELinear(getattr(parent, child), config, num_experts=0, shared_experts=1)
+            else:
+                n = config.experts_for_layer(None if i is None else depths.index(i), len(depths))
+                layer = LMoELinear(getattr(parent, child), config, num_experts=n)
+            setattr(parent, child, layer)
         self._layers = {n: m for n, m in model.named_modules() if isinstance(m, LMoELinear)}  # plain dict
+        if config.shared_router_modules:
+            _share_routers(self._layers, config.shared_router_modules)
         self._accumulate = False
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending_counts: list[tuple[LMoELinear, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- plumbing
     def __getattr__(self, name: str):
@@ -185,9 +208,13 @@ class LMoEModel(nn.Module):
         # given are passed on, so a plain module called as model(x) works too.
         for m in self.lmoe_layers().values():
             m.last_routing = None
+        if self.training and self._pending_counts:
+            self._apply_balance_updates()
         named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         kwargs.update({k: v for k, v in named.items() if v is not None})
         out = self.base_model(*args, **kwargs)
+        if self.training and self.lmoe_config.balance_bias_rate > 0:
+            self._record_balance_counts(attention_mask)
         track = self._accumulate
         if labels is None and not track:
             return out
@@ -203,19 +230,51 @@ class LMoEModel(nn.Module):
         out["loss"] = loss
         return out
 
+    # ---------------------------------------------------------------- aux-loss-free balancing
+    def _record_balance_counts(self, attention_mask) -> None:
+        """After a training forward: each biased layer's selection counts, summed over DDP ranks. They are
+        applied at the start of the NEXT training forward, so that activation checkpointing, which re-runs
+        the layers in backward, routes with the same bias as the forward did."""
+        layers = [m for m in self.lmoe_layers().values() if m.routing_bias is not None and m.last_routing is not None]
+        if not layers:
+            return
+        counts = [selection_counts(m.last_routing[1], _token_mask(attention_mask, m.last_routing[1].shape[0]))
+                  for m in layers]
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            flat = torch.cat(counts)
+            dist.all_reduce(flat)
+            counts = list(flat.split([c.numel() for c in counts]))
+        self._pending_counts = list(zip(layers, counts))
+
+    @torch.no_grad()
+    def _apply_balance_updates(self) -> None:
+        rate = self.lmoe_config.balance_bias_rate
+        for m, counts in self._pending_counts:
+            balance_bias_step(m.routing_bias, counts, rate)
+        self._pending_counts = []
+
+    def _selected(self, m: LMoELinear, gates: torch.Tensor) -> torch.Tensor | None:
+        """The actual selection when it is not the logits' top-k (balance bias, sigmoid and implicit routers)."""
+        if m.routing_bias is not None or self.lmoe_config.router in ("sigmoid_topk", "implicit"):
+            return gates
+        return None
+
     def routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False):
         """(balance loss, z-loss), each averaged over the adapted layers, from the last forward."""
         bal, zs = [], []
         for name, m in self.lmoe_layers().items():
-            if m.last_routing is None:
+            if m.last_routing is None or not m.routed:
                 continue
             logits, gates = m.last_routing
             mask = _token_mask(attention_mask, logits.shape[0])
             k = dispatch_k(self.lmoe_config.router, self.lmoe_config.top_k)
-            bal.append(load_balancing_loss(logits, k, mask))
+            selected = self._selected(m, gates)
+            bal.append(load_balancing_loss(logits, k, mask, selected))
             zs.append(z_loss(logits, mask))
             if accumulate:
-                sums = routing_sums(logits, gates, k, mask)
+                sums = routing_sums(logits, gates, k, mask, selected)
                 acc = self._sums.setdefault(name, {k_: torch.zeros_like(v) for k_, v in sums.items()})
                 for k_, v in sums.items():
                     acc[k_] += v
@@ -236,8 +295,8 @@ class LMoEModel(nn.Module):
         sums = self._sums
         if not self._accumulate or not sums:
             k = dispatch_k(self.lmoe_config.router, self.lmoe_config.top_k)
-            sums = {n: routing_sums(*m.last_routing, k) for n, m in self.lmoe_layers().items()
-                    if m.last_routing is not None}
+            sums = {n: routing_sums(*m.last_routing, k, None, self._selected(m, m.last_routing[1]))
+                    for n, m in self.lmoe_layers().items() if m.last_routing is not None and m.routed}
         stats = {}
         for name, s in sums.items():
             t = max(float(s["tokens"]), 1.0)
@@ -256,16 +315,8 @@ class LMoEModel(nn.Module):
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """The full shape of every adapter tensor, from the layers' sizes (not from the live parameters,
         which under FSDP are shards)."""
-        shapes = {}
-        for name, m in self.lmoe_layers().items():
-            n, r = m.num_experts, m.rank  # routed experts; the shared ones are extra A / B slots
-            slots = n + m.shared_experts
-            shapes[f"{name}.lora_A"] = (1 if m.config.share_A else slots, r, m.in_features)
-            shapes[f"{name}.lora_B"] = (slots, m.out_features, r)
-            shapes[f"{name}.router.weight"] = (n, m.in_features)
-            if m.router_noise is not None:
-                shapes[f"{name}.router_noise.weight"] = (n, m.in_features)
-        return shapes
+        return {f"{name}.{key}": shape for name, m in self.lmoe_layers().items()
+                for key, shape in m.adapter_shapes().items()}
 
     def adapter_state_dict_from(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This model's adapter tensors picked out of a full state dict of the (possibly wrapped) model.

@@ -11,6 +11,7 @@ Use ``LMoEConfig.from_preset(name, **overrides)`` or ``lmoe train --method NAME`
 from __future__ import annotations
 
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+ATTN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 PRESETS: dict[str, dict] = {
     # L-MoE (arXiv 2510.17898) as lmoe defines it: dense softmax gate, delta composition.
@@ -36,4 +37,22 @@ PRESETS: dict[str, dict] = {
     "switch": {"router": "switch", "capacity_factor": 1.25},
     # Noisily gated top-k (Shazeer et al. 2017): top-2 of W_g x + softplus(W_noise x) * eps in training.
     "noisy-topk": {"router": "noisy_topk", "top_k": 2},
+    # MixLoRA (Li et al. 2024, arXiv 2404.15159; MoE-PEFT's defaults): 8 experts on the MLP with one router
+    # per block (on the MLP input, shared by gate/up/down), top-2 renormalised, router init N(0, 0.02^2),
+    # balance loss 1e-3; plain LoRA on the attention projections. r=8, alpha=16, dropout 0.05.
+    "mixlora": {"num_experts": 8, "router": "topk", "top_k": 2, "rank": 8, "alpha": 16.0, "dropout": 0.05,
+                "lora_modules": ATTN_TARGETS, "shared_router_modules": MLP_TARGETS, "router_init_std": 0.02,
+                "aux_loss_coef": 1e-3},
+    # SMoRA (Zhao et al. 2025, arXiv 2501.15103): every rank its own expert (64 rank-1 experts), top-8,
+    # sigmoid gates, aux-loss-free bias balancing (rate 1e-3), no balance loss; alpha = 2 per rank.
+    "smora": {"num_experts": 64, "rank": 1, "alpha": 2.0, "router": "sigmoid_topk", "top_k": 8,
+              "balance_bias_rate": 1e-3, "aux_loss_coef": 0.0},
+    # FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396; official flylora.py): 32 rank-1 experts whose A
+    # is a frozen sparse random projection (density k/r = 0.25) that also routes: top-8 by |A_i x + b_i|,
+    # gate 1; only B trains; bias balancing rate 1e-3; scaling alpha/r = 2.
+    "flylora": {"num_experts": 32, "rank": 1, "alpha": 2.0, "router": "implicit", "top_k": 8,
+                "frozen_sparse_A": 0.25, "balance_bias_rate": 1e-3, "aux_loss_coef": 0.0},
+    # CoMoL (core-space mixture of LoRA): one shared A and B, N = 8 r x r cores soft-merged per token by a
+    # dense softmax gate: dW = B (sum_i g_i C_i) A.
+    "comol": {"core_experts": True, "num_experts": 8, "router": "softmax"},
 }

@@ -18,7 +18,8 @@ from lmoe.routing import load_balancing_loss
 from tests.helpers import random_ids, randomize_lora_B, tiny_llama
 from tests.test_cli import _train, workdir  # noqa: F401  (the module-scoped tiny model folder + data)
 
-NAMES = ["lmoe", "lmoe-factor", "mola", "hydralora", "shared-expert", "llava-mole", "switch", "noisy-topk"]
+NAMES = ["lmoe", "lmoe-factor", "mola", "hydralora", "shared-expert", "llava-mole", "switch", "noisy-topk", "mixlora",
+         "smora", "flylora", "comol"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -45,6 +46,18 @@ def test_preset_names_and_values():
     assert (switch.router, switch.capacity_factor, switch.aux_loss_coef) == ("switch", 1.25, 1e-2)
     noisy = LMoEConfig.from_preset("noisy-topk")
     assert (noisy.router, noisy.top_k) == ("noisy_topk", 2)
+    mix = LMoEConfig.from_preset("mixlora")
+    assert (mix.num_experts, mix.router, mix.top_k, mix.lora_modules, mix.shared_router_modules,
+            mix.router_init_std, mix.aux_loss_coef) == (8, "topk", 2, ["q_proj", "k_proj", "v_proj", "o_proj"], MLP,
+                                                        0.02, 1e-3)
+    smora = LMoEConfig.from_preset("smora")
+    assert (smora.num_experts, smora.rank, smora.router, smora.top_k, smora.balance_bias_rate, smora.aux_loss_coef,
+            smora.scaling) == (64, 1, "sigmoid_topk", 8, 1e-3, 0.0, 2.0)
+    fly = LMoEConfig.from_preset("flylora")
+    assert (fly.num_experts, fly.rank, fly.router, fly.top_k, fly.frozen_sparse_A, fly.balance_bias_rate,
+            fly.scaling) == (32, 1, "implicit", 8, 0.25, 1e-3, 2.0)
+    comol = LMoEConfig.from_preset("comol")
+    assert (comol.core_experts, comol.num_experts, comol.router) == (True, 8, "softmax")
 
 
 def test_from_preset_overrides_and_errors():
@@ -55,7 +68,7 @@ def test_from_preset_overrides_and_errors():
     with pytest.raises(ValueError) as e:
         LMoEConfig.from_preset("nope")
     assert str(e.value) == ("unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                            "llava-mole, switch, noisy-topk")
+                            "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol")
     with pytest.raises(ValueError, match=r"LMoEConfig: unknown field\(s\) ranks; known: "):
         LMoEConfig.from_preset("switch", ranks=4)
     with pytest.raises(ValueError, match=r"LMoEConfig.top_k must be <= the smallest num_experts \(2\), got 3"):
@@ -128,7 +141,8 @@ def test_every_preset_trains_saves_and_loads(name, tmp_path):
     for n, p in model.named_parameters():
         if p.requires_grad and ("lora_" in n or n.endswith("router.weight")):
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
-    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("router.weight"))
+    if name != "flylora":  # FlyLoRA's router is its frozen A: nothing to train
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("router.weight"))
     model.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "adapter_model.safetensors")
     assert model.adapter_shapes() == {k: tuple(v.shape) for k, v in sd.items()}  # what FSDP saves check against
@@ -136,8 +150,10 @@ def test_every_preset_trains_saves_and_loads(name, tmp_path):
     sd2 = load_file(tmp_path / "from_state_dict" / "adapter_model.safetensors")
     assert sd2.keys() == sd.keys() and all(torch.equal(sd2[k], sd[k]) for k in sd)
     suffixes = {k.split("_proj.", 1)[1] for k in sd}
-    want = {"lora_A", "lora_B", "router.weight"} | ({"router_noise.weight"} if name == "noisy-topk" else set())
-    assert suffixes == want  # the same keys as ever; the noisy router adds its noise weights
+    extra = {"noisy-topk": {"router_noise.weight"}, "smora": {"routing_bias"}, "comol": {"lora_C"},
+             "flylora": {"routing_bias"}}.get(name, set())
+    want = ({"lora_A", "lora_B"} | extra | (set() if name == "flylora" else {"router.weight"}))
+    assert suffixes == want  # the same keys as ever; each new piece adds its own tensors
     loaded = LMoEModel.from_pretrained(tiny_llama(), tmp_path)
     model.eval()
     with torch.no_grad():
@@ -232,4 +248,4 @@ def test_cli_method_from_yaml_and_unknown_method(workdir, tmp_path, capsys):  # 
     assert _train(workdir, tmp_path / "run", "--method", "nope") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("lmoe: error: unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                   "llava-mole, switch, noisy-topk")
+                   "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol")

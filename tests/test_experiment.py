@@ -1,0 +1,98 @@
+"""The multi-task experiment runner and the tuning sweep, end to end on a tiny model folder.
+
+The real runs use SmolLM2 (``Profile.model``); here every profile points at a tiny Llama saved with the
+word-level test tokenizer, trains 2 steps and evaluates 2 test rows per task, which exercises the whole
+path: data, training, the evaluation suite (choices, gsm8k generation, mbpp in the sandbox), the JSON
+schema of issue 5 and resumption.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch.nn as nn
+
+from lmoe import experiment
+from lmoe.experiment import PROFILES, TARGETS, build_method, matched_lora_rank
+from tests.helpers import save_tiny_model_dir, tiny_llama
+
+TASKS = {"arc_easy", "boolq", "gsm8k", "mbpp", "tinyshakespeare"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exp") / "model"
+    save_tiny_model_dir(d)
+    return str(d)
+
+
+def test_matched_lora_rank_by_hand():
+    # tiny Llama per layer: q,o 64x64; k,v 64->32; gate,up 64->128; down 128->64.
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    per_rank = sum(i + o for i, o in shapes)  # 1024 per layer
+    lmoe = sum(8 * 8 * (i + o) + 8 * i for i, o in shapes)  # 64 * 1024 + 8 * 512 = 69632
+    assert (per_rank, lmoe) == (1024, 69632)
+    assert matched_lora_rank(tiny_llama(), 8, 8) == 69632 // 1024 == 68
+
+
+def test_build_method_parameter_counts():
+    lora = build_method("lora", tiny_llama(), PROFILES["cpu"])
+    lmoe = build_method("lmoe", tiny_llama(), PROFILES["cpu"])
+    n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    n_lmoe = sum(p.numel() for p in lmoe.parameters() if p.requires_grad)
+    assert n_lmoe == 2 * 69632 and n_lora == 2 * 68 * 1024  # 2 layers
+    assert abs(n_lora / n_lmoe - 1) < 0.01
+    top2 = build_method("lmoe-top2", tiny_llama(), PROFILES["cpu"])
+    assert top2.lmoe_config.router == "topk" and top2.lmoe_config.top_k == 2
+    assert sorted({n.rsplit(".", 1)[-1] for n in top2.lmoe_layers()}) == sorted(TARGETS)
+    with pytest.raises(ValueError, match="unknown method 'nope'; known: base, lora, lora-r, lmoe"):
+        build_method("nope", tiny_llama(), PROFILES["cpu"])
+
+
+def test_run_writes_the_issue_schema_and_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
+    small = replace(PROFILES["cpu"], seq_len=48, batch_size=2, max_steps=2, eval_limit=2, gen_limit=1,
+                    max_new_tokens=4, model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu", small)
+    out, work = tmp_path / "res", tmp_path / "work"
+    argv = ["--methods", "lmoe", "--seeds", "0", "--out", str(out), "--work-dir", str(work)]
+    assert experiment.main(argv) == 0
+    r = json.loads((out / "lmoe-seed0.json").read_text())
+    assert (r["method"], r["seed"], r["profile"]) == ("lmoe", 0, "cpu")
+    assert r["trainable_params"] == 2 * 69632 and r["train_tokens"] > 0
+    assert set(r["metrics"]) == TASKS
+    score = {"arc_easy": "accuracy", "boolq": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1"}
+    for task, m in r["metrics"].items():
+        assert m["test_loss"] > 0 and m["perplexity"] > 1 and m["examples"] == 2
+        assert len(m["per_example"]["loss"]) == 2
+        if task in score:
+            assert 0.0 <= m[score[task]] <= 1.0
+    before = (out / "lmoe-seed0.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert experiment.main(argv) == 0
+    assert f"skip {out / 'lmoe-seed0.json'} (done)" in capsys.readouterr().out
+    assert (out / "lmoe-seed0.json").stat().st_mtime_ns == before
+
+
+def test_sweep_point_uses_validation_split(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "SWEEP_PROFILE", {**experiment.SWEEP_PROFILE, "seq_len": 48, "batch_size": 2,
+                                                      "max_steps": 2, "model": tiny_dir})
+    monkeypatch.setattr(experiment, "SWEEP_VAL_PER_TASK", 3)
+    out = tmp_path / "sweep"
+    assert experiment.main(["--sweep", "lmoe-aux0", "--out", str(out), "--work-dir", str(tmp_path / "w")]) == 0
+    r = json.loads((out / "lmoe-aux0.json").read_text())
+    assert r["point"] == "lmoe-aux0" and r["settings"]["aux_loss_coef"] == 0.0 and r["settings"]["lr"] == 1e-3
+    assert set(r["val_loss"]) == TASKS and r["val_per_task"] == 3
+    assert r["val_loss_mean"] == pytest.approx(sum(r["val_loss"].values()) / 5)
+
+
+def test_sweep_rejects_unknown_points(capsys):
+    with pytest.raises(SystemExit):
+        experiment.main(["--sweep", "lmoe-lr9"])
+    assert "unknown sweep point(s) lmoe-lr9; known: lora-lr3e-4" in capsys.readouterr().err
+
+
+def test_targets_are_every_llama_projection():
+    names = {n.rsplit(".", 1)[-1] for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear)}
+    assert set(TARGETS) == names - {"lm_head"}
