@@ -161,6 +161,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rss", action="store_true", help="peak RSS of each candidate in a fresh subprocess")
     p.add_argument("--generate", action="store_true", help="also the generation benchmark")
     p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--generate-only", action="store_true", help="only the generation benchmark")
     p.add_argument("--json", default=None)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
 
     info = machine_info()
     print(f"# bench_model  {info}", flush=True)
+    if a.generate_only:
+        return _report_generation(a, {"machine": info, "args": vars(a)}, tmp)
     _, tok = base_model()
     inputs = batch(tok, a.batch_size, a.seq_len)
     models = {n: build(n, tmp) for n in a.candidates}
@@ -225,13 +228,22 @@ def main(argv=None) -> dict:
                           "peak RSS MB", "vs lora-64"], rows))
     out = {"machine": info, "args": vars(a), "train": results}
     if a.generate:
-        names = [n for n in ("base", "lmoe-delta", "lmoe-top2", "xlora") if n in a.candidates or n == "base"]
-        gen = generation(names, tmp, a.gen_repeats)
-        out["generate"] = gen
-        print("\nGeneration, batch 1, 64-token prompt + 32 greedy tokens (X-LoRA: no KV cache, as PEFT forces)")
-        print(markdown_table(["candidate", "tokens/s", "vs base"],
-                             [[n, f"{g['tok_per_s']:.2f}", f"{g['tok_per_s'] / gen['base']['tok_per_s']:.2f}"]
-                              for n, g in gen.items()]))
+        return _report_generation(a, out, tmp)
+    return _dump(a, out)
+
+
+def _report_generation(a, out: dict, tmp: str) -> dict:
+    names = [n for n in ("base", "lora-64", "lmoe-delta", "lmoe-top2", "xlora") if n in a.candidates or n == "base"]
+    gen = generation(names, tmp, a.gen_repeats)
+    out["generate"] = gen
+    print("\nGeneration, batch 1, 64-token prompt + 32 greedy tokens (X-LoRA: no KV cache, as PEFT forces)")
+    print(markdown_table(["candidate", "tokens/s", "vs base"],
+                         [[n, f"{g['tok_per_s']:.2f}", f"{g['tok_per_s'] / gen['base']['tok_per_s']:.2f}"]
+                          for n, g in gen.items()]))
+    return _dump(a, out)
+
+
+def _dump(a, out: dict) -> dict:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

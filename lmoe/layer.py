@@ -188,6 +188,8 @@ class LMoELinear(nn.Module):
         self.last_noise: torch.Tensor | None = None  # (T, N) eps of the last noisy training forward
         # shared_router_modules: a follower reuses its owner's gates (a plain attribute, not a submodule)
         self.router_owner: LMoELinear | None = None
+        self._factor = config.composition == "factor"
+        self._plain_softmax = config.router == "softmax" and n > 0 and s == 0  # the inference path's own gate
 
     def share_router_of(self, owner: "LMoELinear") -> None:
         """Reuse ``owner``'s gates (it must run first in every forward); drops this layer's own router."""
@@ -318,10 +320,53 @@ class LMoELinear(nn.Module):
         B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (d_out, (N+S)*r), a view
         return A, B
 
+    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B^T) views for the no-grad path, cached while the parameters keep their storage (in-place
+        updates show through a view; a new tensor or ``.data`` swap, e.g. ``.to()``, changes the pointer);
+        None for core experts, whose A and B are computed."""
+        if self.lora_C is not None:
+            return None
+        key = (self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        cached = self.__dict__.get("_views")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                A, B = self.stacked_weights()
+            cached = (key, (A, B.t()))
+            self.__dict__["_views"] = cached  # a plain attribute: not a buffer, not saved
+        return cached[1]
+
+    def _forward_inference(self, x: torch.Tensor, y: torch.Tensor, views) -> torch.Tensor:
+        """No grad, one dtype, no dropout: the fewest ops per call (generation runs this per token per layer)."""
+        A, Bt = views
+        flat = x.reshape(-1, self.in_features)
+        t = flat.shape[0]
+        router = self.router
+        if self._plain_softmax and router is not None and flat.dtype == router.weight.dtype:
+            logits = F.linear(flat, router.weight)
+            gates = logits.softmax(dim=-1)
+            self.last_routing = (logits, gates)
+        else:
+            gates = self.gates(flat)
+            if self.shared_experts:
+                gates = torch.cat([gates, gates.new_ones(t, self.shared_experts)], dim=-1)
+            gates = gates.to(A.dtype)
+        h = F.linear(flat, A)
+        h = h.reshape(t, -1, self.rank)  # (T, N, r), or (T, 1, r) for a shared A
+        if self._factor:
+            z = gates.unsqueeze(-1) * (h * gates.unsqueeze(-1)).sum(dim=1, keepdim=True)
+        else:
+            z = h * gates.view(t, -1, 1)
+        return torch.addmm(y.reshape(t, -1), z.view(t, -1), Bt, alpha=self.scaling).view(y.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
             return y
+        if not torch.is_grad_enabled() and y.dtype == x.dtype == self.lora_A.dtype and not (
+                self.training and self.config.dropout > 0) and not torch.is_autocast_enabled(x.device.type):
+            views = self._inference_weights()
+            if views is not None:
+                return self._forward_inference(x, y, views)
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
         gates = self.gates(flat)  # (T, N)
         if self.shared_experts:
@@ -339,9 +384,9 @@ class LMoELinear(nn.Module):
         dtype = A.dtype
         xd, gates = xd.to(dtype), gates.to(dtype)  # no-ops unless the base runs in another dtype (quantised)
         if not torch.is_grad_enabled() and y.dtype == dtype:
-            # Inference (generation, eval): fewest ops per call, the add folded into the last GEMM.
+            # Inference with computed weights (core experts) or mixed input dtypes: the add folded into the GEMM.
             t = flat.shape[0]
-            z, _ = _gate((xd @ A.t()).view(t, -1, self.rank), gates, 1.0, self.config.composition == "factor")
+            z, _ = _gate((xd @ A.t()).view(t, -1, self.rank), gates, 1.0, self._factor)
             return torch.addmm(y.reshape(t, -1), z.view(t, -1), B.t(), alpha=self.scaling).view(y.shape)
         delta = mixture(xd, A, B, gates, self.scaling, self.config.composition)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)

@@ -285,3 +285,24 @@ def test_bias_and_cores_round_trip(tmp_path):
         model.eval()
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("preset", ["lmoe", "lmoe-factor", "hydralora", "shared-expert", "mixlora", "smora",
+                                    "flylora", "comol", "switch"])
+def test_inference_path_equals_training_path(preset):
+    """The no-grad path (cached weight views, generation) gives the autograd path's output, also after an
+    in-place update (seen through the views) and after a dtype change (which swaps the storage)."""
+    model = get_lmoe_model(tiny_llama(), LMoEConfig.from_preset(preset, dropout=0.0)).eval()
+    randomize_lora_B(model)
+    ids = random_ids()
+    for step in range(3):
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits
+        slow = model(input_ids=ids).logits  # grad enabled: the fused autograd path
+        assert torch.allclose(fast, slow.detach(), atol=1e-5), (preset, step)
+        if step == 0:
+            randomize_lora_B(model, seed=5)  # in place
+        elif step == 1:
+            model.double()
+            assert fast.dtype == torch.float32
+    assert slow.dtype == torch.float64
