@@ -3,6 +3,8 @@
 from .config import LMoEConfig
 from .layer import LMoELinear, mixture, mixture_reference
 from .model import LMoECausalLMOutput, LMoEModel, get_lmoe_model
+from .peft_import import from_peft_adapters
 
 __version__ = "0.1.0"
-__all__ = ["LMoEConfig", "LMoELinear", "LMoEModel", "LMoECausalLMOutput", "get_lmoe_model", "mixture", "mixture_reference"]
+__all__ = ["LMoEConfig", "LMoELinear", "LMoEModel", "LMoECausalLMOutput", "get_lmoe_model", "from_peft_adapters",
+           "mixture", "mixture_reference"]
