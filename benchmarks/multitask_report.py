@@ -1,6 +1,10 @@
 """Summarise results/multitask/*.json as markdown (the "Does L-MoE beat LoRA?" section of docs/results.md).
 
     python benchmarks/multitask_report.py [--dir results/multitask] > /tmp/section.md
+    python benchmarks/multitask_report.py --update docs/results.md   # rewrite the marked blocks in place
+
+The tuning sweep (``python -m lmoe.experiment --sweep``, results/sweep/*.json) gets its own table:
+validation loss per task of every sweep point (a split carved from train, never test).
 
 Per task: mean ± std over seeds of each method's main score and test loss. For each L-MoE variant
 against ``lora``: a paired bootstrap 95% confidence interval of the difference, resampling test
@@ -111,15 +115,62 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def sweep_report(d: Path) -> str:
+    points = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
+    if not points:
+        return "No sweep point has finished yet.\n"
+    tasks = sorted({t for pt in points for t in pt["val_loss"]})
+    s = points[0]["settings"]
+    out = [f"Sweep profile: {s['max_steps']} steps × batch {s['batch_size']}, sequence length {s['seq_len']}, "
+           f"cosine schedule, seed {points[0]['seed']}; validation: {points[0]['val_per_task']} rows per task "
+           f"held out of train (`split_validation`), answer-token loss. Lower is better; **bold** = best of its "
+           f"method.\n",
+           "| point | method | lr | aux | N × r | " + " | ".join(tasks) + " | mean | wall min |",
+           "|---|---|---:|---:|---|" + "---:|" * (len(tasks) + 2)]
+    best = {}
+    for pt in points:
+        m = pt["method"]
+        if m not in best or pt["val_loss_mean"] < best[m]:
+            best[m] = pt["val_loss_mean"]
+    order = sorted(points, key=lambda pt: (pt["method"], pt["settings"]["lr"], pt["point"]))
+    for pt in order:
+        st = pt["settings"]
+        mean = f"{pt['val_loss_mean']:.4f}"
+        mean = f"**{mean}**" if pt["val_loss_mean"] == best[pt["method"]] else mean
+        nr = f"{st['num_experts']} × {st['rank']}" if pt["method"].startswith("lmoe") else "–"
+        aux = f"{st['aux_loss_coef']:g}" if pt["method"].startswith("lmoe") else "–"
+        out.append(f"| {pt['point']} | {pt['method']} | {st['lr']:g} | {aux} | {nr} | "
+                   + " | ".join(f"{pt['val_loss'][t]:.4f}" for t in tasks) + f" | {mean} | {pt['wall_s'] / 60:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def _replace_block(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"markers {start} / {end} not found")
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + body + text[j:]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default="results/multitask")
+    p.add_argument("--sweep-dir", default="results/sweep")
+    p.add_argument("--update", default=None, help="a markdown file whose report/sweep blocks are rewritten")
     a = p.parse_args(argv)
     runs = load(Path(a.dir))
     if not runs:
         print(f"no results in {a.dir}")
         return 1
-    print(report(runs))
+    text, sweep = report(runs), sweep_report(Path(a.sweep_dir))
+    if a.update:
+        path = Path(a.update)
+        doc = _replace_block(path.read_text(), "report", text)
+        if "<!-- sweep:start -->" in doc:
+            doc = _replace_block(doc, "sweep", sweep)
+        path.write_text(doc)
+    else:
+        print(text + "\n" + sweep)
     return 0
 
 

@@ -161,6 +161,7 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
     trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds,
                           data_collator=DataCollator(tok.pad_token_id), callbacks=[CSVLogger(run_dir / "log.csv")])
     trainer.train()
+    model.save_pretrained(str(run_dir / "adapter"))  # for `lmoe inspect` (not committed: ~80 MB)
     return model, tok, trainable, int(trainer.state.num_input_tokens_seen)
 
 

@@ -62,6 +62,7 @@ def test_run_writes_the_issue_schema_and_resumes(tiny_dir, tmp_path, monkeypatch
     assert (r["method"], r["seed"], r["profile"]) == ("lmoe", 0, "cpu")
     assert r["trainable_params"] == 2 * 69632 and r["train_tokens"] > 0
     assert set(r["metrics"]) == TASKS
+    assert (work / "lmoe-seed0" / "adapter" / "adapter_model.safetensors").is_file()  # kept for `lmoe inspect`
     score = {"arc_easy": "accuracy", "boolq": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1"}
     for task, m in r["metrics"].items():
         assert m["test_loss"] > 0 and m["perplexity"] > 1 and m["examples"] == 2
@@ -96,3 +97,36 @@ def test_sweep_rejects_unknown_points(capsys):
 def test_targets_are_every_llama_projection():
     names = {n.rsplit(".", 1)[-1] for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear)}
     assert set(TARGETS) == names - {"lm_head"}
+
+
+def test_reports_rewrite_marked_blocks(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mr", experiment.Path(__file__).parents[1] / "benchmarks" /
+                                                  "multitask_report.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for name, lr, losses in (("lmoe-lr1e-3", 1e-3, [1.0, 2.0]), ("lmoe-lr3e-4", 3e-4, [1.5, 2.5])):
+        settings = {**experiment.SWEEP_PROFILE, "lr": lr, "num_experts": 8, "rank": 8, "aux_loss_coef": 0.01}
+        (sweep / f"{name}.json").write_text(json.dumps({
+            "point": name, "method": "lmoe", "seed": 0, "settings": settings, "val_per_task": 40,
+            "val_loss": {"a": losses[0], "b": losses[1]}, "val_loss_mean": sum(losses) / 2, "wall_s": 60.0}))
+    table = mr.sweep_report(sweep)
+    assert "| lmoe-lr1e-3 | lmoe | 0.001 | 0.01 | 8 × 8 | 1.0000 | 2.0000 | **1.5000** | 1.0 |" in table
+    assert "| lmoe-lr3e-4 | lmoe | 0.0003 | 0.01 | 8 × 8 | 1.5000 | 2.5000 | 2.0000 | 1.0 |" in table
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    metrics = {"boolq": {"test_loss": 0.5, "accuracy": 0.75, "perplexity": 1.6, "examples": 2}}
+    (runs / "lora-seed0.json").write_text(json.dumps({
+        "method": "lora", "seed": 0, "profile": "cpu", "trainable_params": 10, "train_tokens": 5,
+        "metrics": metrics, "total_wall_s": 60.0, "settings": {}}))
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- report:start -->\nold\n<!-- report:end -->\nmid\n<!-- sweep:start -->\nold"
+                   "\n<!-- sweep:end -->\nend\n")
+    assert mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
+    assert "| lora | 0.750 |" in text and "| lora | 0.500 |" in text  # main-score table, test-loss table
+    assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
