@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import ROUTERS
+
 # Train-flag defaults, and the demo's (used when neither --model nor --data is given and the flag is unset).
 TRAIN_DEFAULTS = {"max_steps": 200, "batch_size": 8, "seq_len": 512, "eval_limit": 0}
 DEMO = {"max_steps": 30, "batch_size": 4, "seq_len": 256, "eval_limit": 8}
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=None, help="default 16")
     t.add_argument("--dropout", type=float, default=None, help="default 0")
     t.add_argument("--composition", default=None, help="delta (default) | factor")
-    t.add_argument("--router", default=None, help="softmax (default) | topk | noisy_topk | switch")
+    t.add_argument("--router", default=None, help="softmax (default) | " + " | ".join(r for r in ROUTERS if r != "softmax"))
     t.add_argument("--top-k", type=int, default=None, help="default 2")
     t.add_argument("--aux-loss-coef", type=float, default=None, help="default 0.01")
     t.add_argument("--z-loss-coef", type=float, default=None, help="default 0")
