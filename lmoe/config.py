@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTERS = ("softmax", "topk", "noisy_topk", "switch", "sigmoid_topk", "implicit", "static")
+ROUTERS = ("softmax", "topk", "noisy_topk", "switch", "sigmoid_topk", "implicit", "static", "sparsegen", "dynmole")
 TOPK_ROUTERS = ("topk", "noisy_topk", "sigmoid_topk", "implicit")  # the routers that keep top_k experts
+# The routers whose number of active experts varies per token (f of the balance loss: docs/methods.md).
+DYNAMIC_ROUTERS = ("sparsegen", "dynmole")
 COMPOSITIONS = ("delta", "factor")
 
 
@@ -43,9 +45,14 @@ class LMoEConfig:
                           "trained Gaussian noise, in training only), 'switch' (top-1 with expert capacity), "
                           "'sigmoid_topk' (gates sigmoid(l) on the top-k, SMoRA), 'implicit' (FlyLoRA: no router; "
                           "the top-k experts by |A_i x + bias_i|, gate 1) or 'static' (one learned weight per "
-                          "expert and layer, no input dependence: LoRA Soups' CAT)."},
+                          "expert and layer, no input dependence: LoRA Soups' CAT), 'sparsegen' (LD-MoLE: "
+                          "g = sparsemax(l / (1 - lambda)), lambda per token from a small MLP) or 'dynmole' "
+                          "(DynMoLE: all experts when the Tsallis entropy of softmax(l) is high, else top-p with at "
+                          "least top_k)."},
     )
-    top_k: int = field(default=2, metadata={"help": "Experts kept per token when router is 'topk' or 'noisy_topk'."})
+    top_k: int = field(default=2, metadata={"help": "Experts kept per token when router is 'topk' or 'noisy_topk'; "
+                                                     "'dynmole': the fewest kept; 'sparsegen': the k of the "
+                                                     "sparsity loss."})
     composition: str = field(
         default="delta",
         metadata={"help": "'delta': dW = sum_i g_i B_i A_i; 'factor': dW = (sum_i g_i B_i)(sum_i g_i A_i)."},
@@ -97,6 +104,37 @@ class LMoEConfig:
         default=None,
         metadata={"help": "Initialise the router weight from N(0, std^2) (MixLoRA: 0.02); None: like nn.Linear."},
     )
+    sparsegen_hidden: int = field(
+        default=512,
+        metadata={"help": "router='sparsegen': hidden width H of the lambda MLP "
+                          "(Linear(d_in, H), ReLU, Linear(H, 1), LogSigmoid)."},
+    )
+    sparsegen_shared: bool = field(
+        default=True,
+        metadata={"help": "router='sparsegen': one lambda MLP per input width, shared by every routed layer of that "
+                          "width (LD-MoLE's code); false: one per layer."},
+    )
+    sparsity_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "router='sparsegen': weight of LD-MoLE's sparsity loss relu(lambda_k(l) - lambda), which "
+                          "pushes each token to at most top_k active experts."},
+    )
+    top_p: float = field(
+        default=0.75,
+        metadata={"help": "router='dynmole': keep the experts, largest p first, while their cumulative p <= top_p "
+                          "(and at least top_k)."},
+    )
+    entropy_threshold: float = field(
+        default=0.9,
+        metadata={"help": "router='dynmole': a token whose normalised Tsallis entropy exceeds this uses all experts "
+                          "(1: never)."},
+    )
+    tsallis_q: float = field(default=1.1, metadata={"help": "router='dynmole': the index q of the Tsallis entropy "
+                                                            "(1: Shannon)."})
+    entropy_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "router='dynmole': weight of the mean normalised Tsallis entropy of softmax(l)."},
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -135,10 +173,10 @@ class LMoEConfig:
             raise bad("composition", f"must be one of {', '.join(COMPOSITIONS)}")
         if not is_int(self.top_k) or self.top_k < 1:
             raise bad("top_k", "must be an integer >= 1")
-        if self.router in TOPK_ROUTERS and self.top_k > self.min_experts:
+        if self.router in TOPK_ROUTERS + DYNAMIC_ROUTERS and self.top_k > self.min_experts:
             which = "num_experts" if is_int(self.num_experts) else "the smallest num_experts"
             raise ValueError(f"LMoEConfig.top_k must be <= {which} ({self.min_experts}), got {self.top_k!r}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "sparsity_loss_coef", "entropy_loss_coef"):
             if not is_num(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0")
         if self.capacity_factor is not None and (not is_num(self.capacity_factor) or self.capacity_factor <= 0):
@@ -181,6 +219,16 @@ class LMoEConfig:
             raise ValueError(f"LMoEConfig.shared_router_modules needs a learned router, got router={self.router!r}")
         if self.router_init_std is not None and (not is_num(self.router_init_std) or self.router_init_std <= 0):
             raise bad("router_init_std", "must be a finite number > 0 or None")
+        if not is_int(self.sparsegen_hidden) or self.sparsegen_hidden < 1:
+            raise bad("sparsegen_hidden", "must be an integer >= 1")
+        if not isinstance(self.sparsegen_shared, bool):
+            raise bad("sparsegen_shared", "must be true or false")
+        for name, high in (("top_p", 1), ("entropy_threshold", 1), ("tsallis_q", 2)):
+            if not is_num(getattr(self, name)) or not 0 < getattr(self, name) <= high:
+                raise bad(name, f"must be a number in (0, {high}]")
+        for name, router in (("sparsity_loss_coef", "sparsegen"), ("entropy_loss_coef", "dynmole")):
+            if getattr(self, name) > 0 and self.router != router:
+                raise ValueError(f"LMoEConfig.{name} needs router={router!r}, got router={self.router!r}")
 
     @property
     def scaling(self) -> float:

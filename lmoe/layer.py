@@ -36,6 +36,11 @@ Non-obvious choices:
   tensor, ``reshape`` silently copies and the result is unchanged.
 * The router runs in float32 with autocast disabled; the experts run in the model dtype.
 * The base layer is called, never re-implemented, so any Linear subclass (quantised ones too) works.
+* ``router="sparsegen"`` (LD-MoLE) adds ``sparsegen_mlp`` (float32 ``Linear(d_in, H)``, ReLU, ``Linear(H, 1)``;
+  saved as ``sparsegen_mlp.{0,2}.{weight,bias}``) that predicts ``lam = logsigmoid(mlp(x)) + 1 - eps`` per
+  token (kept in ``last_lambda``); with ``sparsegen_shared`` the model gives all routed layers of one input
+  width the MLP of the first of them (``share_sparsegen_of``). As in LD-MoLE's code, this router and its MLP
+  read the *dropped-out* input, the same draw as the experts.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TOPK_ROUTERS, LMoEConfig
-from .routing import noisy_logits, route
+from .routing import SPARSEGEN_EPS, noisy_logits, route
 
 
 def mixture_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
@@ -177,6 +182,9 @@ class LMoELinear(nn.Module):
         self.router_noise = (nn.Linear(self.in_features, n, bias=False, **f32)
                              if learned and config.router == "noisy_topk" else None)
         self.static_gate = (nn.Parameter(torch.ones(n, **f32)) if n > 0 and config.router == "static" else None)
+        h = config.sparsegen_hidden
+        self.sparsegen_mlp = (nn.Sequential(nn.Linear(self.in_features, h, **f32), nn.ReLU(), nn.Linear(h, 1, **f32))
+                              if learned and config.router == "sparsegen" else None)
         if n > 0 and config.balance_bias_rate > 0:
             self.register_buffer("routing_bias", torch.zeros(n, **f32))
         else:
@@ -186,8 +194,11 @@ class LMoELinear(nn.Module):
         self.reset_parameters()
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, routed gates), overwritten
         self.last_noise: torch.Tensor | None = None  # (T, N) eps of the last noisy training forward
+        self.last_lambda: torch.Tensor | None = None  # (T,) sparsegen lam of the last forward
         # shared_router_modules: a follower reuses its owner's gates (a plain attribute, not a submodule)
         self.router_owner: LMoELinear | None = None
+        self.sparsegen_owner: LMoELinear | None = None  # sparsegen_shared: whose lam MLP this layer uses
+        self._route_dropped = config.router == "sparsegen"  # LD-MoLE routes on the dropped-out input
         self._factor = config.composition == "factor"
         self._plain_softmax = config.router == "softmax" and n > 0 and s == 0  # the inference path's own gate
 
@@ -195,8 +206,17 @@ class LMoELinear(nn.Module):
         """Reuse ``owner``'s gates (it must run first in every forward); drops this layer's own router."""
         if owner.num_experts != self.num_experts:
             raise ValueError(f"cannot share a router of {owner.num_experts} experts with a layer of {self.num_experts}")
-        self.router = self.router_noise = self.routing_bias = None
+        self.router = self.router_noise = self.routing_bias = self.sparsegen_mlp = None
         object.__setattr__(self, "router_owner", owner)  # a plain reference: not a submodule, not saved
+
+    def share_sparsegen_of(self, owner: "LMoELinear") -> None:
+        """Use ``owner``'s lam MLP (same input width); drops this layer's own (sparsegen_shared)."""
+        if owner.sparsegen_mlp is None or owner.in_features != self.in_features:
+            raise ValueError(f"cannot share a lam MLP of a layer with in_features={owner.in_features} "
+                             f"(and an MLP of its own: {owner.sparsegen_mlp is not None}) with in_features="
+                             f"{self.in_features}")
+        self.sparsegen_mlp = None
+        object.__setattr__(self, "sparsegen_owner", owner)  # a plain reference: not a submodule, not saved
 
     @property
     def routed(self) -> bool:
@@ -229,14 +249,19 @@ class LMoELinear(nn.Module):
             self.router_noise.weight.zero_()  # Shazeer et al. 2017: noise std softplus(0) = log 2 at the start
         if self.static_gate is not None:
             self.static_gate.fill_(1.0)  # CAT starts from the sum (concatenation) of the experts
+        if self.sparsegen_mlp is not None:
+            # LD-MoLE's init "kaiming": weights like nn.Linear, every bias -2.5 (lam about -1.6 at the start).
+            for lin in (self.sparsegen_mlp[0], self.sparsegen_mlp[2]):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+                nn.init.constant_(lin.bias, -2.5)
         if self.routing_bias is not None:
             self.routing_bias.zero_()
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) / .half() / .double() convert everything; the gate stays float32.
         super()._apply(fn, recurse)
-        for r in (self.router, self.router_noise):
-            if r is not None and r.weight.dtype != torch.float32:
+        for r in (self.router, self.router_noise, self.sparsegen_mlp):
+            if r is not None and any(p.dtype != torch.float32 for p in r.parameters()):
                 r.float()
         for name in ("static_gate", "routing_bias"):
             t = getattr(self, name)
@@ -252,6 +277,8 @@ class LMoELinear(nn.Module):
                        ("static_gate", self.static_gate), ("routing_bias", self.routing_bias)):
             if t is not None:
                 out[key] = t
+        if self.sparsegen_mlp is not None:
+            out.update({f"sparsegen_mlp.{k}": v for k, v in self.sparsegen_mlp.named_parameters()})
         return out
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -269,6 +296,10 @@ class LMoELinear(nn.Module):
             shapes["static_gate"] = (n,)
         if self.routing_bias is not None:
             shapes["routing_bias"] = (n,)
+        if self.sparsegen_mlp is not None:
+            h = c.sparsegen_hidden
+            shapes.update({"sparsegen_mlp.0.weight": (h, self.in_features), "sparsegen_mlp.0.bias": (h,),
+                           "sparsegen_mlp.2.weight": (1, h), "sparsegen_mlp.2.bias": (1,)})
         return shapes
 
     def router_logits(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,6 +309,19 @@ class LMoELinear(nn.Module):
             return F.linear(x, w)  # the common fp32 case: no casts, no context switch
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), w.float())
+
+    def sparsity(self, x: torch.Tensor) -> torch.Tensor:
+        """(T,) float32 ``lam = logsigmoid(W2 relu(W1 x + b1) + b2) + 1 - eps`` (LD-MoLE), in (-inf, 1 - eps]."""
+        mlp = self.sparsegen_mlp if self.sparsegen_owner is None else self.sparsegen_owner.sparsegen_mlp
+        w1, b1, w2, b2 = mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias
+        if self.sparsegen_owner is not None and (hasattr(w1, "device_mesh") or w1.dim() != 2
+                                                 or w1.untyped_storage().nbytes() == 0):
+            raise RuntimeError("sparsegen_shared=True: this layer uses the lam MLP of another layer, which is sharded "
+                               "here (FSDP shards per decoder layer); set sparsegen_shared=False or use DDP")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(w1.dtype)
+            out = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)  # (T, 1)
+            return (F.logsigmoid(out) + (1 - SPARSEGEN_EPS)).squeeze(-1)
 
     def gates(self, flat: torch.Tensor) -> torch.Tensor:
         """Routed gates (T, N) float32 for flat input (T, d_in); records ``last_routing`` for the losses."""
@@ -297,6 +341,14 @@ class LMoELinear(nn.Module):
                 h = self.router_logits(flat, self.lora_A.view(-1, self.in_features))  # (T, N): rank-1 experts
                 logits = (h + self.routing_bias if self.routing_bias is not None else h).abs()
             gates = route(logits, "implicit", c.top_k)
+        elif c.router == "sparsegen":
+            logits = self.router_logits(flat)  # (T, N) float32
+            self.last_lambda = lam = self.sparsity(flat)
+            gates = route(logits, "sparsegen", c.top_k, lam=lam)
+        elif c.router == "dynmole":
+            logits = self.router_logits(flat)
+            gates = route(logits, "dynmole", c.top_k, top_p=c.top_p, entropy_threshold=c.entropy_threshold,
+                          tsallis_q=c.tsallis_q)
         else:
             logits = self.router_logits(flat)  # (T, N) float32
             if self.router_noise is not None and self.training:
@@ -368,11 +420,16 @@ class LMoELinear(nn.Module):
             if views is not None:
                 return self._forward_inference(x, y, views)
         flat = x.reshape(-1, self.in_features)  # (T, d_in)
-        gates = self.gates(flat)  # (T, N)
+        if self._route_dropped:  # LD-MoLE: the router and the lam MLP read the experts' dropped-out input
+            xd = self.dropout(flat) if self.config.dropout > 0 else flat
+            gates = self.gates(xd)
+        else:
+            gates = self.gates(flat)  # (T, N)
         if self.shared_experts:
             gates = torch.cat([gates, gates.new_ones(gates.shape[0], self.shared_experts)], dim=-1)  # (T, N+S)
         A, B = self.stacked_weights()
-        xd = self.dropout(flat) if self.config.dropout > 0 else flat
+        if not self._route_dropped:
+            xd = self.dropout(flat) if self.config.dropout > 0 else flat
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # Cast once, as autocast would for each GEMM; the fused Function then runs in that dtype.
@@ -395,6 +452,10 @@ class LMoELinear(nn.Module):
         c = self.config
         router = c.router + (f"(k={c.top_k})" if c.router in TOPK_ROUTERS else "")
         router += f"(capacity_factor={c.capacity_factor})" if c.router == "switch" else ""
+        router += (f"(hidden={c.sparsegen_hidden}{', shared' if self.sparsegen_owner is not None else ''})"
+                   if c.router == "sparsegen" else "")
+        router += (f"(k={c.top_k}, top_p={c.top_p}, threshold={c.entropy_threshold}, q={c.tsallis_q})"
+                   if c.router == "dynmole" else "")
         extra = (f", shared_experts={self.shared_experts}" if self.shared_experts else "") + (
             ", share_A=True" if c.share_A else "") + (", core_experts=True" if c.core_experts else "") + (
             ", frozen_sparse_A" if c.frozen_sparse_A is not None else "") + (

@@ -4,9 +4,12 @@
   exact paths or ``.suffix``; only ``nn.Linear`` (and subclasses) are wrapped; nothing matched is an
   error that lists the Linear modules that exist.
 * ``forward`` passes through to the wrapped model. With ``labels`` and a causal-LM output it returns an
-  ``LMoECausalLMOutput`` whose ``loss`` is ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss``;
-  the routing losses are computed once per forward from each layer's last routing, with padding
-  masked by ``attention_mask``.
+  ``LMoECausalLMOutput`` whose ``loss`` is ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss``
+  (``+ sparsity_loss_coef * sparsity_loss`` for the sparsegen router, ``+ entropy_loss_coef * entropy_loss``
+  for the dynmole router, terms only added when their coefficient is nonzero); the routing losses are
+  computed once per forward from each layer's last routing, with padding masked by ``attention_mask``.
+* ``router="sparsegen"`` with ``sparsegen_shared``: the routed layers of one input width share the lam MLP
+  of the first of them (module order), which alone saves it (``<path>.sparsegen_mlp.*``).
 * Per-layer expert counts (``num_experts`` a list): a module's depth is the ``<i>`` of the first
   ``layers.<i>.`` in its path, ranked among the distinct indices of the adapted modules (so with every
   decoder layer adapted it is ``<i>`` itself), and ``num_layers`` is how many distinct indices there are;
@@ -45,8 +48,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import LMoEConfig
 from .layer import LMoELinear
-from .routing import (balance_bias_step, dispatch_k, load_balancing_loss, routing_sums, selection_counts,
-                      z_loss)
+from .routing import (balance_bias_step, dispatch_k, entropy_loss, load_balancing_loss, routing_sums,
+                      selection_counts, sparsity_loss, z_loss)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,6 +65,8 @@ class LMoECausalLMOutput(CausalLMOutputWithPast):
     lm_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
+    sparsity_loss: torch.FloatTensor | None = None  # router='sparsegen' (LD-MoLE)
+    entropy_loss: torch.FloatTensor | None = None  # router='dynmole' (DynMoLE)
 
 
 def _matches(name: str, target: str | list[str]) -> bool:
@@ -96,6 +101,17 @@ def _share_routers(layers: dict[str, LMoELinear], names: list[str]) -> None:
         order = [group[c] for c in names if c in group]
         for follower in order[1:]:
             follower.share_router_of(order[0])
+
+
+def _share_sparsegen(layers: dict[str, LMoELinear]) -> None:
+    """The routed layers with a lam MLP share that of the first layer (module order) of their input width."""
+    owners: dict[int, LMoELinear] = {}
+    for m in layers.values():
+        if m.sparsegen_mlp is None:  # no router of its own (plain LoRA, shared-router follower)
+            continue
+        owner = owners.setdefault(m.in_features, m)
+        if owner is not m:
+            m.share_sparsegen_of(owner)
 
 
 def get_lmoe_model(model: nn.Module, config: LMoEConfig) -> "LMoEModel":
@@ -140,6 +156,8 @@ class LMoEModel(nn.Module):
         self._layers = {n: m for n, m in model.named_modules() if isinstance(m, LMoELinear)}  # plain dict
         if config.shared_router_modules:
             _share_routers(self._layers, config.shared_router_modules)
+        if config.router == "sparsegen" and config.sparsegen_shared:
+            _share_sparsegen(self._layers)
         self._accumulate = False
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
         self._pending_counts: list[tuple[LMoELinear, torch.Tensor]] = []
@@ -218,15 +236,22 @@ class LMoEModel(nn.Module):
         track = self._accumulate
         if labels is None and not track:
             return out
-        aux, z = self.routing_losses(attention_mask, accumulate=track)
+        losses = self._routing_losses(attention_mask, accumulate=track)
+        aux, z = losses["aux"], losses["z"]
         if labels is None or getattr(out, "loss", None) is None or aux is None:
             return out
         c = self.lmoe_config
         loss = out.loss + c.aux_loss_coef * aux + (c.z_loss_coef * z if c.z_loss_coef else 0.0)
+        extra = {}
+        for key, coef in (("sparsity_loss", c.sparsity_loss_coef), ("entropy_loss", c.entropy_loss_coef)):
+            if losses.get(key) is not None:
+                extra[key] = losses[key]
+                if coef:
+                    loss = loss + coef * losses[key]
         if isinstance(out, CausalLMOutputWithPast):
             return LMoECausalLMOutput(loss=loss, lm_loss=out.loss, aux_loss=aux, z_loss=z, logits=out.logits,
                                       past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                                      attentions=out.attentions)
+                                      attentions=out.attentions, **extra)
         out["loss"] = loss
         return out
 
@@ -256,31 +281,50 @@ class LMoEModel(nn.Module):
         self._pending_counts = []
 
     def _selected(self, m: LMoELinear, gates: torch.Tensor) -> torch.Tensor | None:
-        """The actual selection when it is not the logits' top-k (balance bias, sigmoid and implicit routers)."""
-        if m.routing_bias is not None or self.lmoe_config.router in ("sigmoid_topk", "implicit"):
+        """The actual selection when it is not the logits' top-k (balance bias, sigmoid, implicit, sparsegen and
+        dynmole routers)."""
+        if m.routing_bias is not None or self.lmoe_config.router in ("sigmoid_topk", "implicit", "sparsegen",
+                                                                      "dynmole"):
             return gates
         return None
 
     def routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False):
         """(balance loss, z-loss), each averaged over the adapted layers, from the last forward."""
-        bal, zs = [], []
+        losses = self._routing_losses(attention_mask, accumulate)
+        return losses["aux"], losses["z"]
+
+    def _routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False) -> dict:
+        """``aux`` (balance loss) and ``z``, and for their routers ``sparsity_loss`` / ``entropy_loss``, each
+        averaged over the adapted layers, from the last forward (None where there is no routed layer)."""
+        c = self.lmoe_config
+        bal, zs, sparse, ent = [], [], [], []
         for name, m in self.lmoe_layers().items():
             if m.last_routing is None or not m.routed:
                 continue
             logits, gates = m.last_routing
             mask = _token_mask(attention_mask, logits.shape[0])
-            k = dispatch_k(self.lmoe_config.router, self.lmoe_config.top_k)
+            k = dispatch_k(c.router, c.top_k)
             selected = self._selected(m, gates)
-            bal.append(load_balancing_loss(logits, k, mask, selected))
+            # LD-MoLE's balance loss averages its gates (P), the others the softmax of the logits
+            bal.append(load_balancing_loss(logits, k, mask, selected, gates if c.router == "sparsegen" else None))
             zs.append(z_loss(logits, mask))
+            if c.router == "sparsegen":
+                sparse.append(sparsity_loss(logits, m.last_lambda, c.top_k, mask))
+            elif c.router == "dynmole":
+                ent.append(entropy_loss(logits, c.tsallis_q, mask))
             if accumulate:
                 sums = routing_sums(logits, gates, k, mask, selected)
                 acc = self._sums.setdefault(name, {k_: torch.zeros_like(v) for k_, v in sums.items()})
                 for k_, v in sums.items():
                     acc[k_] += v
         if not bal:
-            return None, None
-        return torch.stack(bal).mean(), torch.stack(zs).mean()
+            return {"aux": None, "z": None}
+        out = {"aux": torch.stack(bal).mean(), "z": torch.stack(zs).mean()}
+        if sparse:
+            out["sparsity_loss"] = torch.stack(sparse).mean()
+        if ent:
+            out["entropy_loss"] = torch.stack(ent).mean()
+        return out
 
     # ---------------------------------------------------------------- routing statistics
     def track_routing(self, enabled: bool = True) -> None:

@@ -55,4 +55,17 @@ PRESETS: dict[str, dict] = {
     # CoMoL (core-space mixture of LoRA): one shared A and B, N = 8 r x r cores soft-merged per token by a
     # dense softmax gate: dW = B (sum_i g_i C_i) A.
     "comol": {"core_experts": True, "num_experts": 8, "router": "softmax"},
+    # LD-MoLE (Zhuang et al., arXiv 2509.25684; code eshentw/LD-MoLE): Sparsegen-lin gates sparsemax(l / (1 - lam))
+    # with lam per token from one MLP per input width shared across layers (hidden 512, run.sh); 8 experts, r=8,
+    # alpha=16, dropout 0.1, all 7 projections (conf/model/llama3.2_*.yaml); balance loss 1.0 and sparsity loss
+    # 0.0 (run.sh lb_loss_coef / reg_loss_coef); the sparsity loss's k = 2 (loss/loss.py).
+    "ld-mole": {"router": "sparsegen", "num_experts": 8, "rank": 8, "alpha": 16.0, "dropout": 0.1, "top_k": 2,
+                "sparsegen_hidden": 512, "sparsegen_shared": True, "aux_loss_coef": 1.0, "sparsity_loss_coef": 0.0},
+    # DynMoLE (Li et al., arXiv 2504.00661; code mikecovlee/DynMoLE): all experts when the normalised Tsallis
+    # entropy (q=1.1) of softmax(l) exceeds 0.9, else top-p 0.75 with at least 2 experts, gates p (not
+    # renormalised); entropy loss 0.01 and balance loss 0.001 (adapters/dynmole/config.py defaults); 6 experts,
+    # r=24, alpha=48, dropout 0.05, MLP projections (templates/dynmole.json).
+    "dynmole": {"router": "dynmole", "num_experts": 6, "rank": 24, "alpha": 48.0, "dropout": 0.05,
+                "target_modules": MLP_TARGETS, "top_k": 2, "top_p": 0.75, "entropy_threshold": 0.9,
+                "tsallis_q": 1.1, "aux_loss_coef": 1e-3, "entropy_loss_coef": 1e-2},
 }

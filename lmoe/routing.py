@@ -22,13 +22,25 @@ Definitions (docs/method.md states the same):
 * implicit router (FlyLoRA): no router weights; the layer passes the scores ``|A_i x + b_i|`` of its rank-1
   experts as the "logits"; the k largest get gate 1, the rest 0.
 * static router (LoRA Soups' CAT): ``g_i = w_i``, one learned weight per expert and layer for every token.
+* sparsegen router (LD-MoLE, Sparsegen-lin): ``g = sparsemax(l / (1 - lam))`` with ``lam`` per token from the
+  layer's MLP; in the closed form of LD-MoLE's code (``sparsegen_lin``): sort ``l`` descending, the support is
+  ``{j : 1 - lam + j l_(j) > sum_{i<=j} l_(i)}`` (size K), ``tau = (sum_{i<=K} l_(i) - 1 + lam) / K``,
+  ``g = max(l - tau, 0) / max(1 - lam, eps)``. Sparsity loss: ``relu(lam_k - lam)`` with
+  ``lam_k = 1 - (sum_{i<=k} u_(i) - k u_(k+1))``, ``u`` the logits without gradient: the smallest lam at which
+  at most k experts are active.
+* dynmole router (DynMoLE): ``p = softmax(l)``; ``H = S_q(p + eps) / S_q(uniform)`` the normalised Tsallis
+  entropy (``tsallis_entropy``); ``H > threshold``: all experts, ``g = p``; else the experts (by p, descending)
+  whose cumulative p is ``<= top_p``, at least the first k, with ``g_i = p_i`` there (not renormalised) and 0
+  elsewhere. Entropy loss: mean of H over tokens.
 * balance bias (aux-loss-free balancing, Wang et al. 2024 / DeepSeek-V3): for the top-k routers a bias
   ``b`` (no gradient) is added to the scores used to *select* experts only; after each training forward
   ``b_i += rate * sign(mean_j c_j - c_i)`` with ``c_i`` the number of non-padding tokens that selected i.
 * ``f_i``: fraction of tokens dispatched to expert i (the arg-max for the softmax and switch routers,
-  counted *before* capacity drops; for (noisy) top-k, tokens whose top-k set holds i, divided by k), so
-  ``sum_i f_i = 1``. No gradient.
-* ``P_i``: mean over tokens of the full softmax probability of expert i (also for top-k and switch).
+  counted *before* capacity drops; for (noisy) top-k, tokens whose top-k set holds i, divided by k; for the
+  sparsegen and dynmole routers, whose number of active experts varies, tokens with ``g_i != 0`` divided by the
+  mean number of active experts, i.e. ``sum_t [g_ti != 0] / sum_t |S_t|``), so ``sum_i f_i = 1``. No gradient.
+* ``P_i``: mean over tokens of the full softmax probability of expert i (also for top-k and switch; for the
+  sparsegen router, of its gate ``g_i``, as LD-MoLE's code does).
   The logits are those the gate acted on: for the noisy router in training, ``H`` (noise included).
 * Shared (always-on) experts have no logits: they appear in neither f nor P.
 * load-balancing loss (Switch Transformer): ``N * sum_i f_i P_i``; 1 when perfectly balanced.
@@ -43,10 +55,24 @@ import torch
 import torch.nn.functional as F
 
 
+SPARSEGEN_EPS = 1e-2  # LD-MoLE's GlobalSparsegen eps: lam <= 1 - eps
+TSALLIS_EPS = 1e-5  # DynMoLE's entropy_eps: added to p before the entropy
+
+
 def route(logits: torch.Tensor, router: str, top_k: int, capacity_factor: float | None = 1.25,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
+          bias: torch.Tensor | None = None, *, lam: torch.Tensor | None = None, top_p: float | None = None,
+          entropy_threshold: float | None = None, tsallis_q: float | None = None) -> torch.Tensor:
     """Gates ``(T, N)`` from router logits ``(T, N)`` (for 'noisy_topk', logits with the noise already added;
-    for 'implicit', the layer's scores). ``bias`` (N,): the balance bias, added to the selection scores only."""
+    for 'implicit', the layer's scores). ``bias`` (N,): the balance bias, added to the selection scores only.
+    'sparsegen' needs ``lam`` (T,); 'dynmole' needs ``top_p``, ``entropy_threshold`` and ``tsallis_q``."""
+    if router == "sparsegen":
+        if lam is None:
+            raise ValueError("router 'sparsegen' needs lam")
+        return sparsegen_lin(logits, lam)
+    if router == "dynmole":
+        if top_p is None or entropy_threshold is None or tsallis_q is None:
+            raise ValueError("router 'dynmole' needs top_p, entropy_threshold and tsallis_q")
+        return dynmole_gates(logits, top_k, top_p, entropy_threshold, tsallis_q)
     if router == "softmax":
         return logits.softmax(dim=-1)
     if router in ("topk", "noisy_topk"):
@@ -80,13 +106,78 @@ def switch_gates(logits: torch.Tensor, capacity_factor: float | None) -> torch.T
     return logits.softmax(dim=-1) * keep
 
 
+def sparsegen_lin(logits: torch.Tensor, lam: torch.Tensor, eps: float = SPARSEGEN_EPS) -> torch.Tensor:
+    """Sparsegen-lin gates ``sparsemax(l / (1 - lam))`` (T, N), in the closed form of LD-MoLE's
+    ``GlobalSparsegen._compute_prob``; ``lam`` (T,) or (T, 1). Differentiable in both (a.e.)."""
+    n = logits.shape[-1]
+    lam = lam.reshape(-1, 1)
+    z = logits.sort(dim=-1, descending=True).values  # (T, N)
+    j = torch.arange(1, n + 1, device=logits.device, dtype=logits.dtype)
+    support = (1 - lam + j * z > z.cumsum(dim=-1)).to(logits.dtype)  # (T, N), a prefix of the sorted experts
+    size = support.sum(dim=-1, keepdim=True).clamp_min(1)
+    tau = ((support * z).sum(dim=-1, keepdim=True) - 1 + lam) / size  # (T, 1)
+    return (logits - tau).clamp(min=0) / (1 - lam).clamp(min=eps)
+
+
+def sparsity_lower_bound(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(T,) ``lam_k = 1 - (sum_{i<=k} u_(i) - k u_(k+1))`` of the detached logits: with ``lam >= lam_k`` the
+    sparsegen router activates at most k experts (LD-MoLE's ``lambda_interval_k`` lower end). ``-inf`` when
+    k >= N (no constraint)."""
+    u = logits.detach()
+    if k >= u.shape[-1]:
+        return torch.full(u.shape[:-1], -math.inf, device=u.device, dtype=u.dtype)
+    top = u.topk(k + 1, dim=-1).values  # (T, k+1), descending
+    return 1.0 - (top[:, :k].sum(dim=-1) - k * top[:, k])
+
+
+def sparsity_loss(logits: torch.Tensor, lam: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LD-MoLE's sparsity loss of one layer: mean over tokens of ``relu(lam_k(l) - lam)`` (a 0-dim tensor)."""
+    gap = torch.relu(sparsity_lower_bound(logits, k) - lam.reshape(-1))
+    return _masked_mean(gap.unsqueeze(-1), mask).squeeze(-1)
+
+
+def tsallis_entropy(p: torch.Tensor, q: float, eps: float = TSALLIS_EPS) -> torch.Tensor:
+    """(T,) normalised Tsallis entropy of the rows of p, as DynMoLE's ``tsallis_entropy``:
+    ``S_q(p + eps) / S_q(uniform)`` with ``S_q(p) = (1 - sum_i p_i^q) / (q - 1)`` and
+    ``S_q(uniform) = (1 - N^(1-q)) / (q - 1)``; q = 1: Shannon, ``-sum p log p / log N``. 0 for N = 1."""
+    n = p.shape[-1]
+    if n == 1:
+        return p.new_zeros(p.shape[:-1])
+    p = p + eps
+    if q == 1.0:
+        return -torch.special.xlogy(p, p).sum(dim=-1) / math.log(n)  # = p log p, and 0 at p = 0
+    return (1 - p.pow(q).sum(dim=-1)) / (1 - n ** (1 - q))  # the two (q - 1) cancel
+
+
+def dynmole_gates(logits: torch.Tensor, top_k: int, top_p: float, threshold: float, q: float) -> torch.Tensor:
+    """DynMoLE's hybrid gates (T, N): ``p = softmax(l)`` on every expert for a token whose normalised Tsallis
+    entropy exceeds ``threshold`` (never when threshold >= 1), else ``p`` on the experts, largest p first, whose
+    cumulative p is ``<= top_p``, and on the first ``top_k`` whatever their sum; 0 elsewhere; not renormalised."""
+    p = logits.softmax(dim=-1)
+    sorted_p, idx = p.sort(dim=-1, descending=True)
+    keep_sorted = sorted_p.cumsum(dim=-1) <= top_p
+    keep_sorted[:, :top_k] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)  # (T, N) bool
+    if threshold < 1.0:
+        keep = keep | (tsallis_entropy(p, q) > threshold).unsqueeze(-1)
+    return p * keep
+
+
+def entropy_loss(logits: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DynMoLE's auxiliary loss of one layer: mean over tokens of the normalised Tsallis entropy of softmax(l)."""
+    return _masked_mean(tsallis_entropy(logits.softmax(dim=-1), q).unsqueeze(-1), mask).squeeze(-1)
+
+
 def noisy_logits(logits: torch.Tensor, noise_logits: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Shazeer et al. (2017) eq. 4: ``H = W_g x + softplus(W_noise x) * eps``; all (T, N)."""
     return logits + F.softplus(noise_logits) * eps
 
 
-def dispatch_k(router: str, top_k: int) -> int:
-    """k of the dispatch fraction f: ``top_k`` for the top-k routers, 1 (the arg-max) for softmax and switch."""
+def dispatch_k(router: str, top_k: int) -> int | None:
+    """k of the dispatch fraction f: ``top_k`` for the top-k routers, 1 (the arg-max) for softmax and switch,
+    None (the mean number of active experts, from the gates) for the sparsegen and dynmole routers."""
+    if router in ("sparsegen", "dynmole"):
+        return None
     return top_k if router in ("topk", "noisy_topk", "sigmoid_topk", "implicit") else 1
 
 
@@ -101,28 +192,37 @@ def balance_bias_step(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> 
     bias.add_(rate * torch.sign(counts.mean() - counts))
 
 
-def _dispatch(logits: torch.Tensor, k: int, selected: torch.Tensor | None) -> torch.Tensor:
+def _dispatch(logits: torch.Tensor, k: int | None, selected: torch.Tensor | None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """(T, N) dispatch weights, rows summing to 1: top-k membership of the logits / k, or, when the actual
-    selection differs from the logits' top-k (balance bias, implicit router), ``selected != 0`` / k."""
+    selection differs from the logits' top-k (balance bias, implicit router), ``selected != 0`` / k.
+    ``k=None`` (a varying number of active experts): ``selected != 0`` divided by its mean row count over the
+    (non-padding) tokens, so that the masked mean over tokens is ``sum_t [g_ti != 0] / sum_t |S_t|``."""
+    if k is None:
+        if selected is None:
+            raise ValueError("a varying dispatch (k=None) needs the selected gates")
+        active = (selected != 0).to(logits.dtype)
+        return active / _masked_mean(active.sum(dim=-1, keepdim=True), mask).clamp_min(1.0)
     if selected is not None:
         return (selected != 0).to(logits.dtype) / k
     idx = logits.topk(k, dim=-1).indices  # (T, k)
     return torch.zeros_like(logits).scatter_(-1, idx, 1.0 / k)
 
 
-def dispatch_fraction(logits: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+def dispatch_fraction(logits: torch.Tensor, k: int | None, mask: torch.Tensor | None = None,
                       selected: torch.Tensor | None = None) -> torch.Tensor:
     """``f``: (N,) share of tokens dispatched to each expert (top-k membership / k). No gradient."""
     with torch.no_grad():
-        return _masked_mean(_dispatch(logits, k, selected), mask)
+        return _masked_mean(_dispatch(logits, k, selected, mask), mask)
 
 
-def load_balancing_loss(logits: torch.Tensor, k: int, mask: torch.Tensor | None = None,
-                        selected: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer balance loss ``N * sum_i f_i P_i`` for one layer (a 0-dim tensor)."""
+def load_balancing_loss(logits: torch.Tensor, k: int | None, mask: torch.Tensor | None = None,
+                        selected: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer balance loss ``N * sum_i f_i P_i`` for one layer (a 0-dim tensor). ``P`` is the mean
+    of ``softmax(logits)``, or of ``probs`` (T, N) when given (the sparsegen router's gates)."""
     n = logits.shape[-1]
     f = dispatch_fraction(logits, k, mask, selected)
-    p = _masked_mean(logits.softmax(dim=-1), mask)
+    p = _masked_mean(logits.softmax(dim=-1) if probs is None else probs, mask)
     return n * (f * p).sum()
 
 
@@ -131,7 +231,7 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return _masked_mean(logits.logsumexp(dim=-1).square().unsqueeze(-1), mask).squeeze(-1)
 
 
-def routing_sums(logits: torch.Tensor, gates: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+def routing_sums(logits: torch.Tensor, gates: torch.Tensor, k: int | None, mask: torch.Tensor | None = None,
                  selected: torch.Tensor | None = None) -> dict:
     """Detached per-expert *sums* over tokens, for accumulating statistics across forwards.
 
@@ -140,7 +240,7 @@ def routing_sums(logits: torch.Tensor, gates: torch.Tensor, k: int, mask: torch.
     """
     with torch.no_grad():
         w = _weights(logits, mask)  # (T, 1)
-        load = _dispatch(logits, k, selected)
+        load = _dispatch(logits, k, selected, mask)
         n = gates.shape[-1]
         ent = -(gates * gates.clamp_min(1e-20).log()).sum(-1, keepdim=True)  # (T, 1)
         ent = ent / math.log(n) if n > 1 else torch.zeros_like(ent)

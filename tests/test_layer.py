@@ -303,7 +303,8 @@ def test_forward_and_backward_op_counts_do_not_depend_on_num_experts(composition
     ({"alpha": 0}, "LMoEConfig.alpha must be a finite number > 0, got 0"),
     ({"alpha": float("nan")}, "LMoEConfig.alpha must be a finite number > 0, got nan"),
     ({"dropout": 1.0}, "LMoEConfig.dropout must be a number in [0, 1), got 1.0"),
-    ({"router": "foo"}, "LMoEConfig.router must be one of softmax, topk, noisy_topk, switch, sigmoid_topk, implicit, static, got 'foo'"),
+    ({"router": "foo"}, "LMoEConfig.router must be one of softmax, topk, noisy_topk, switch, sigmoid_topk, implicit, "
+                        "static, sparsegen, dynmole, got 'foo'"),
     ({"composition": "bar"}, "LMoEConfig.composition must be one of delta, factor, got 'bar'"),
     ({"router": "topk", "num_experts": 4, "top_k": 5}, "LMoEConfig.top_k must be <= num_experts (4), got 5"),
     ({"top_k": 0}, "LMoEConfig.top_k must be an integer >= 1, got 0"),
@@ -326,9 +327,11 @@ def test_from_dict_rejects_unknown_key_and_round_trips():
     with pytest.raises(ValueError) as e:
         LMoEConfig.from_dict({"rank": 4, "num_expert": 2})
     assert str(e.value) == ("LMoEConfig: unknown field(s) num_expert; known: alpha, aux_loss_coef, balance_bias_rate, "
-                            "capacity_factor, composition, core_experts, dropout, frozen_sparse_A, lora_modules, "
-                            "num_experts, rank, router, router_init_std, share_A, shared_experts, "
-                            "shared_router_modules, target_modules, top_k, z_loss_coef")
+                            "capacity_factor, composition, core_experts, dropout, entropy_loss_coef, "
+                            "entropy_threshold, frozen_sparse_A, lora_modules, num_experts, rank, router, "
+                            "router_init_std, share_A, shared_experts, shared_router_modules, sparsegen_hidden, "
+                            "sparsegen_shared, sparsity_loss_coef, target_modules, top_k, top_p, tsallis_q, "
+                            "z_loss_coef")
     cfg = LMoEConfig(num_experts=3, rank=2, target_modules=("q_proj",), router="topk", top_k=3)
     assert cfg.target_modules == ["q_proj"]
     assert LMoEConfig.from_dict(cfg.to_dict()) == cfg

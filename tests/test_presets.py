@@ -19,7 +19,7 @@ from tests.helpers import random_ids, randomize_lora_B, tiny_llama
 from tests.test_cli import _train, workdir  # noqa: F401  (the module-scoped tiny model folder + data)
 
 NAMES = ["lmoe", "lmoe-factor", "mola", "hydralora", "shared-expert", "llava-mole", "switch", "noisy-topk", "mixlora",
-         "smora", "flylora", "comol"]
+         "smora", "flylora", "comol", "ld-mole", "dynmole"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -58,6 +58,14 @@ def test_preset_names_and_values():
             fly.scaling) == (32, 1, "implicit", 8, 0.25, 1e-3, 2.0)
     comol = LMoEConfig.from_preset("comol")
     assert (comol.core_experts, comol.num_experts, comol.router) == (True, 8, "softmax")
+    ld = LMoEConfig.from_preset("ld-mole")
+    assert (ld.router, ld.num_experts, ld.rank, ld.alpha, ld.dropout, ld.top_k, ld.sparsegen_hidden, ld.sparsegen_shared,
+            ld.aux_loss_coef, ld.sparsity_loss_coef) == ("sparsegen", 8, 8, 16.0, 0.1, 2, 512, True, 1.0, 0.0)
+    assert ld.target_modules == LMoEConfig().target_modules  # all 7 projections
+    dyn = LMoEConfig.from_preset("dynmole")
+    assert (dyn.router, dyn.num_experts, dyn.rank, dyn.alpha, dyn.dropout, dyn.target_modules, dyn.top_k, dyn.top_p,
+            dyn.entropy_threshold, dyn.tsallis_q, dyn.aux_loss_coef, dyn.entropy_loss_coef) == (
+        "dynmole", 6, 24, 48.0, 0.05, MLP, 2, 0.75, 0.9, 1.1, 1e-3, 1e-2)
 
 
 def test_from_preset_overrides_and_errors():
@@ -68,7 +76,7 @@ def test_from_preset_overrides_and_errors():
     with pytest.raises(ValueError) as e:
         LMoEConfig.from_preset("nope")
     assert str(e.value) == ("unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                            "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol")
+                            "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole")
     with pytest.raises(ValueError, match=r"LMoEConfig: unknown field\(s\) ranks; known: "):
         LMoEConfig.from_preset("switch", ranks=4)
     with pytest.raises(ValueError, match=r"LMoEConfig.top_k must be <= the smallest num_experts \(2\), got 3"):
@@ -151,9 +159,18 @@ def test_every_preset_trains_saves_and_loads(name, tmp_path):
     assert sd2.keys() == sd.keys() and all(torch.equal(sd2[k], sd[k]) for k in sd)
     suffixes = {k.split("_proj.", 1)[1] for k in sd}
     extra = {"noisy-topk": {"router_noise.weight"}, "smora": {"routing_bias"}, "comol": {"lora_C"},
-             "flylora": {"routing_bias"}}.get(name, set())
+             "flylora": {"routing_bias"},
+             # the lam MLPs, saved by the first routed layer of each input width (sparsegen_shared)
+             "ld-mole": {"sparsegen_mlp.0.weight", "sparsegen_mlp.0.bias", "sparsegen_mlp.2.weight",
+                         "sparsegen_mlp.2.bias"}}.get(name, set())
     want = ({"lora_A", "lora_B"} | extra | (set() if name == "flylora" else {"router.weight"}))
     assert suffixes == want  # the same keys as ever; each new piece adds its own tensors
+    if name == "ld-mole":
+        assert sum(k.endswith("sparsegen_mlp.0.weight") for k in sd) == 2  # one per input width (64, 128)
+        assert out.sparsity_loss is not None and out.entropy_loss is None
+    if name == "dynmole":
+        assert out.entropy_loss is not None and out.sparsity_loss is None
+        torch.testing.assert_close(out.loss, out.lm_loss + 1e-3 * out.aux_loss + 1e-2 * out.entropy_loss)
     loaded = LMoEModel.from_pretrained(tiny_llama(), tmp_path)
     model.eval()
     with torch.no_grad():
@@ -248,4 +265,4 @@ def test_cli_method_from_yaml_and_unknown_method(workdir, tmp_path, capsys):  # 
     assert _train(workdir, tmp_path / "run", "--method", "nope") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("lmoe: error: unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                   "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol")
+                   "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole")
