@@ -19,37 +19,21 @@ import torch.nn as nn
 
 from lmoe import LMoEConfig, LMoELinear, LMoEModel, get_lmoe_model
 from lmoe.routing import balance_bias_step, route
-from tests.helpers import random_ids, randomize_lora_B, tiny_llama
+from tests.helpers import (assert_matches_reference, float64_input, float64_layer, random_ids, randomize_lora_B,
+                           tiny_llama)
 
 D_IN, D_OUT, T = 12, 10, 9
 
 
 def _layer(seed=0, **kw) -> LMoELinear:
-    torch.manual_seed(seed)
-    base = nn.Linear(D_IN, D_OUT).double()
-    layer = LMoELinear(base, LMoEConfig(target_modules=["x"], **kw)).double()
-    if layer.router is not None:
-        layer.router.double()  # the gate is float32 by design; float64 here so the loop can match to 1e-12
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.3)
-        if layer.lora_C is not None:
-            layer.lora_C.add_(0.3 * torch.randn_like(layer.lora_C))
-    return layer
+    return float64_layer(D_IN, D_OUT, seed, **kw)
 
 
 def _x(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, D_IN, generator=g, dtype=torch.float64, requires_grad=True)
+    return float64_input(T, D_IN, seed)
 
 
-def _check_grads(layer, y, y_ref, x):
-    assert torch.allclose(y, y_ref, atol=1e-12)
-    params = [p for p in layer.parameters() if p.requires_grad] + [x]
-    w = torch.randn_like(y)
-    g = torch.autograd.grad((y * w).sum(), params, allow_unused=True)
-    g_ref = torch.autograd.grad((y_ref * w).sum(), params, allow_unused=True)
-    for a, b in zip(g, g_ref):
-        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10)
+_check_grads = assert_matches_reference
 
 
 # ------------------------------------------------------------------ routers

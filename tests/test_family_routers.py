@@ -23,42 +23,23 @@ import torch.nn.functional as F
 from lmoe import LMoEConfig, LMoELinear, LMoEModel, get_lmoe_model
 from lmoe.routing import (dispatch_fraction, dynmole_gates, entropy_loss, load_balancing_loss, route, sparsegen_lin,
                           sparsity_lower_bound, sparsity_loss, tsallis_entropy)
-from tests.helpers import random_ids, randomize_lora_B, tiny_llama
+from tests.helpers import (assert_matches_reference, float64_input, float64_layer, random_ids, randomize_lora_B,
+                           tiny_llama)
 
 D_IN, D_OUT, T = 12, 10, 9
 MLP_KEYS = {"sparsegen_mlp.0.weight", "sparsegen_mlp.0.bias", "sparsegen_mlp.2.weight", "sparsegen_mlp.2.bias"}
 
 
 def _layer(seed=0, router_scale=1.0, **kw) -> LMoELinear:
-    torch.manual_seed(seed)
-    base = nn.Linear(D_IN, D_OUT).double()
-    layer = LMoELinear(base, LMoEConfig(target_modules=["x"], **kw)).double()
-    for m in (layer.router, layer.sparsegen_mlp):
-        if m is not None:
-            m.double()  # float32 by design; float64 here so the loop can match to 1e-12
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.3)
-        layer.router.weight.mul_(router_scale)
-        if layer.sparsegen_mlp is not None:  # at LD-MoLE's init (biases -2.5) most hidden ReLUs are off: wake them
-            for p in layer.sparsegen_mlp.parameters():
-                p.normal_(0, 1.0)
-    return layer
+    return float64_layer(D_IN, D_OUT, seed, router_scale, **kw)
 
 
 def _x(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, D_IN, generator=g, dtype=torch.float64, requires_grad=True)
+    return float64_input(T, D_IN, seed)
 
 
 def _check(layer, y, y_ref, x):
-    assert torch.allclose(y, y_ref, atol=1e-12)
-    params = [p for p in layer.parameters() if p.requires_grad] + [x]
-    w = torch.randn_like(y)
-    g = torch.autograd.grad((y * w).sum(), params, allow_unused=True)
-    g_ref = torch.autograd.grad((y_ref * w).sum(), params, allow_unused=True)
-    for a, b in zip(g, g_ref):
-        assert a is not None and b is not None
-        assert torch.allclose(a, b, atol=1e-10)
+    assert_matches_reference(layer, y, y_ref, x, all_grads=True)
 
 
 def _mixture_row(layer, x_t, gates_t):
