@@ -29,7 +29,7 @@ _REGEX_CHARS = set(".*()[]|^$+?\\")
 # LMoEConfig fields set by flags of the same name; their flags default to None ("not given"), so that a
 # --method preset keeps its values for every flag the user did not pass.
 LMOE_FLAGS = ("num_experts", "rank", "alpha", "dropout", "composition", "router", "top_k", "aux_loss_coef",
-              "z_loss_coef", "capacity_factor", "shared_experts", "share_A")
+              "z_loss_coef", "capacity_factor", "shared_experts", "share_A", "lbc_loss_coef", "lbc_delta")
 
 
 class UsageError(Exception):
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--capacity-factor", type=_float_or_none, default=None,
                    help="switch router: expert capacity factor (default 1.25; 'none': no limit)")
     t.add_argument("--shared-experts", type=int, default=None, help="always-on experts (default 0)")
+    t.add_argument("--lbc-loss-coef", type=float, default=None,
+                   help="LoRAMoE's localised balancing constraint weight (default 0: off); the bundled tasks' types "
+                        "(lmoe.dataset.BUNDLED_TASK_TYPES) are then passed to the model")
+    t.add_argument("--lbc-delta", type=float, default=None, help="LoRAMoE's delta in I = 1 +- delta (default 0)")
     t.add_argument("--share-A", dest="share_A", action=argparse.BooleanOptionalAction, default=None,
                    help="one A shared by all experts (HydraLoRA); default off")
     t.add_argument("--target-modules", nargs="+", default=None,
@@ -342,7 +346,8 @@ def cmd_train(args) -> int:
     import torch
     from transformers import TrainingArguments, set_seed
 
-    from .dataset import BUNDLED_DATA, DataCollator, build_dataset, load_examples, split_validation
+    from .dataset import (BUNDLED_DATA, BUNDLED_TASK_TYPES, DataCollator, build_dataset, load_examples,
+                          split_validation)
     from .model import _atomic_write, get_lmoe_model
     from .inspect import CollapseDetector
     from .train import CSVLogger, LMoETrainer
@@ -379,7 +384,9 @@ def cmd_train(args) -> int:
         ddp_find_unused_parameters=False,  # every adapter parameter is used in every forward
     )
     trainer = LMoETrainer(model=lmoe_model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=DataCollator(tokenizer.pad_token_id),
+                          # LoRAMoE's localised balancing constraint needs each sample's task type
+                          data_collator=DataCollator(tokenizer.pad_token_id, task_types=BUNDLED_TASK_TYPES
+                                                     if config.lbc_loss_coef > 0 else None),
                           callbacks=[CSVLogger(out / "log.csv"), CollapseDetector(threshold=0.5)])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)

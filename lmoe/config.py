@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTERS = ("softmax", "topk", "noisy_topk", "switch", "sigmoid_topk", "implicit", "static", "sparsegen", "dynmole")
+ROUTERS = ("softmax", "topk", "noisy_topk", "switch", "sigmoid_topk", "implicit", "static", "sparsegen", "dynmole",
+           "hard_soft")
 TOPK_ROUTERS = ("topk", "noisy_topk", "sigmoid_topk", "implicit")  # the routers that keep top_k experts
 # The routers whose number of active experts varies per token (f of the balance loss: docs/methods.md).
 DYNAMIC_ROUTERS = ("sparsegen", "dynmole")
@@ -46,9 +47,10 @@ class LMoEConfig:
                           "'sigmoid_topk' (gates sigmoid(l) on the top-k, SMoRA), 'implicit' (FlyLoRA: no router; "
                           "the top-k experts by |A_i x + bias_i|, gate 1) or 'static' (one learned weight per "
                           "expert and layer, no input dependence: LoRA Soups' CAT), 'sparsegen' (LD-MoLE: "
-                          "g = sparsemax(l / (1 - lambda)), lambda per token from a small MLP) or 'dynmole' "
+                          "g = sparsemax(l / (1 - lambda)), lambda per token from a small MLP), 'dynmole' "
                           "(DynMoLE: all experts when the Tsallis entropy of softmax(l) is high, else top-p with at "
-                          "least top_k)."},
+                          "least top_k), or 'hard_soft' (LoRA-Mixer: the top-k gates forward, the dense "
+                          "softmax's gradient backward)."},
     )
     top_k: int = field(default=2, metadata={"help": "Experts kept per token when router is 'topk' or 'noisy_topk'; "
                                                      "'dynmole': the fewest kept; 'sparsegen': the k of the "
@@ -135,6 +137,27 @@ class LMoEConfig:
         default=0.0,
         metadata={"help": "router='dynmole': weight of the mean normalised Tsallis entropy of softmax(l)."},
     )
+    lbc_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "LoRAMoE: weight of the localised balancing constraint, the squared coefficient of variation "
+                          "of the per-sample expert importance Q (summed gates) weighted by I = 1 +- lbc_delta "
+                          "(docs/methods.md). 0: off (not computed)."},
+    )
+    lbc_delta: float = field(
+        default=0.0,
+        metadata={"help": "LoRAMoE: delta of I = 1 + delta where an expert's group matches the sample's task type "
+                          "and 1 - delta where not, in [0, 1]."},
+    )
+    lbc_world_fraction: float = field(
+        default=0.5,
+        metadata={"help": "LoRAMoE: the first floor(fraction * N) routed experts form the world-knowledge group "
+                          "(task_type 1), the others the downstream-task group (task_type 0); in (0, 1)."},
+    )
+    rsl_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "router='hard_soft': weight of LoRA-Mixer's routing specialisation loss, mean normalised "
+                          "token entropy of softmax(l) + 1 - normalised entropy of its mean (docs/methods.md)."},
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -173,10 +196,11 @@ class LMoEConfig:
             raise bad("composition", f"must be one of {', '.join(COMPOSITIONS)}")
         if not is_int(self.top_k) or self.top_k < 1:
             raise bad("top_k", "must be an integer >= 1")
-        if self.router in TOPK_ROUTERS + DYNAMIC_ROUTERS and self.top_k > self.min_experts:
+        if self.router in TOPK_ROUTERS + DYNAMIC_ROUTERS + ("hard_soft",) and self.top_k > self.min_experts:
             which = "num_experts" if is_int(self.num_experts) else "the smallest num_experts"
             raise ValueError(f"LMoEConfig.top_k must be <= {which} ({self.min_experts}), got {self.top_k!r}")
-        for name in ("aux_loss_coef", "z_loss_coef", "sparsity_loss_coef", "entropy_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "sparsity_loss_coef", "entropy_loss_coef", "lbc_loss_coef",
+                     "rsl_loss_coef"):
             if not is_num(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0")
         if self.capacity_factor is not None and (not is_num(self.capacity_factor) or self.capacity_factor <= 0):
@@ -226,9 +250,22 @@ class LMoEConfig:
         for name, high in (("top_p", 1), ("entropy_threshold", 1), ("tsallis_q", 2)):
             if not is_num(getattr(self, name)) or not 0 < getattr(self, name) <= high:
                 raise bad(name, f"must be a number in (0, {high}]")
-        for name, router in (("sparsity_loss_coef", "sparsegen"), ("entropy_loss_coef", "dynmole")):
+        if not is_num(self.lbc_delta) or not 0 <= self.lbc_delta <= 1:
+            raise bad("lbc_delta", "must be a number in [0, 1]")
+        if not is_num(self.lbc_world_fraction) or not 0 < self.lbc_world_fraction < 1:
+            raise bad("lbc_world_fraction", "must be a number in (0, 1)")
+        if self.lbc_loss_coef > 0 and self.router in ("static", "implicit"):
+            raise ValueError(f"LMoEConfig.lbc_loss_coef needs per-token gates of a learned router, "
+                             f"got router={self.router!r}")
+        for name, router in (("sparsity_loss_coef", "sparsegen"), ("entropy_loss_coef", "dynmole"),
+                             ("rsl_loss_coef", "hard_soft")):
             if getattr(self, name) > 0 and self.router != router:
                 raise ValueError(f"LMoEConfig.{name} needs router={router!r}, got router={self.router!r}")
+
+    def lbc_world_experts(self, num_experts: int) -> int:
+        """LoRAMoE: how many of a layer's ``num_experts`` routed experts (the first ones) form the world-knowledge
+        group: ``floor(lbc_world_fraction * num_experts)`` (LoRAMoE's code: the first N // 2)."""
+        return math.floor(self.lbc_world_fraction * num_experts)
 
     @property
     def scaling(self) -> float:

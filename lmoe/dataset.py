@@ -36,6 +36,14 @@ MIXES = ("proportional", "uniform")
 LOSS_ON = ("answer", "all")
 _SPLIT_NAMES = {"train", "test", "val", "valid", "validation", "dev"}
 
+# LoRAMoE's task types (docs/methods.md, "loramoe"): 1 = world knowledge (closed-book questions), 0 = downstream
+# task, -1 = unknown (the localised balancing constraint weights it 1). The bundled tasks: ARC-Easy is closed-book
+# science questions (world knowledge); BoolQ gives the passage, GSM8K is arithmetic, MBPP code, tinyshakespeare
+# plain text: downstream. Pass another mapping as ``DataCollator(task_types=...)``.
+WORLD_KNOWLEDGE, DOWNSTREAM, UNKNOWN_TASK_TYPE = 1, 0, -1
+BUNDLED_TASK_TYPES = {"arc_easy": WORLD_KNOWLEDGE, "boolq": DOWNSTREAM, "gsm8k": DOWNSTREAM, "mbpp": DOWNSTREAM,
+                      "tinyshakespeare": DOWNSTREAM}
+
 
 # ---------------------------------------------------------------------------------------------
 # reading
@@ -192,12 +200,27 @@ def _resample(rows: list[dict], size: int, rng: random.Random) -> list[dict]:
 
 
 class DataCollator:
-    """Right-pad encoded examples into ``input_ids``, ``attention_mask``, ``labels`` tensors."""
+    """Right-pad encoded examples into ``input_ids``, ``attention_mask``, ``labels`` tensors.
 
-    def __init__(self, pad_token_id: int):
+    With ``task_types`` (a mapping of task name to 1 = world knowledge or 0 = downstream task, e.g.
+    ``BUNDLED_TASK_TYPES``) it also emits ``task_type`` (B,) long: each example's ``task`` looked up there, -1 for a
+    task the mapping lacks (or an example without a task). ``LMoEModel`` uses it only for LoRAMoE's localised
+    balancing constraint."""
+
+    def __init__(self, pad_token_id: int, task_types: dict[str, int] | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None; give the tokenizer a pad token (eos is fine)")
+        if task_types is not None:
+            if not isinstance(task_types, dict):
+                raise ValueError(f"task_types must be a dict of task name to 0 or 1, got {type(task_types).__name__}")
+            bad = {k: v for k, v in task_types.items() if not isinstance(k, str) or v not in (WORLD_KNOWLEDGE, DOWNSTREAM)
+                   or isinstance(v, bool)}
+            if bad:
+                k, v = next(iter(bad.items()))
+                raise ValueError(f"task_types maps task names to 1 (world knowledge) or 0 (downstream task), "
+                                 f"got {k!r}: {v!r}")
         self.pad_token_id = pad_token_id
+        self.task_types = task_types
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not features:
@@ -211,7 +234,11 @@ class DataCollator:
             input_ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             attention_mask[i, :n] = 1
             labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.task_types is not None:
+            batch["task_type"] = torch.tensor([self.task_types.get(f.get("task"), UNKNOWN_TASK_TYPE) for f in features],
+                                              dtype=torch.long)  # (B,)
+        return batch
 
 
 def split_validation(examples: Sequence[dict], per_task: int, seed: int = 0) -> tuple[list[dict], list[dict]]:

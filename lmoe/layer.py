@@ -450,7 +450,7 @@ class LMoELinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        router = c.router + (f"(k={c.top_k})" if c.router in TOPK_ROUTERS else "")
+        router = c.router + (f"(k={c.top_k})" if c.router in TOPK_ROUTERS + ("hard_soft",) else "")
         router += f"(capacity_factor={c.capacity_factor})" if c.router == "switch" else ""
         router += (f"(hidden={c.sparsegen_hidden}{', shared' if self.sparsegen_owner is not None else ''})"
                    if c.router == "sparsegen" else "")

@@ -6,8 +6,12 @@
 * ``forward`` passes through to the wrapped model. With ``labels`` and a causal-LM output it returns an
   ``LMoECausalLMOutput`` whose ``loss`` is ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss``
   (``+ sparsity_loss_coef * sparsity_loss`` for the sparsegen router, ``+ entropy_loss_coef * entropy_loss``
-  for the dynmole router, terms only added when their coefficient is nonzero); the routing losses are
-  computed once per forward from each layer's last routing, with padding masked by ``attention_mask``.
+  for the dynmole router, ``+ rsl_loss_coef * rsl_loss`` for the hard_soft router, ``+ lbc_loss_coef * lbc_loss``
+  for LoRAMoE's localised balancing constraint; terms only added when their coefficient is nonzero); the routing
+  losses are computed once per forward from each layer's last routing, with padding masked by ``attention_mask``.
+* ``forward(..., task_type=...)``: an optional (B,) tensor per sample, 1 (world knowledge), 0 (downstream task) or
+  -1 (unknown), as ``DataCollator(task_types=...)`` emits it; used ONLY by the localised balancing constraint
+  (``lbc_loss_coef > 0``) and never passed to the base model.
 * ``router="sparsegen"`` with ``sparsegen_shared``: the routed layers of one input width share the lam MLP
   of the first of them (module order), which alone saves it (``<path>.sparsegen_mlp.*``).
 * Per-layer expert counts (``num_experts`` a list): a module's depth is the ``<i>`` of the first
@@ -48,8 +52,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import LMoEConfig
 from .layer import LMoELinear
-from .routing import (balance_bias_step, dispatch_k, entropy_loss, load_balancing_loss, routing_sums,
-                      selection_counts, sparsity_loss, z_loss)
+from .routing import (balance_bias_step, dispatch_k, entropy_loss, load_balancing_loss, localized_balance_loss,
+                      routing_sums, selection_counts, sparsity_loss, specialization_loss, z_loss)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,6 +71,8 @@ class LMoECausalLMOutput(CausalLMOutputWithPast):
     z_loss: torch.FloatTensor | None = None
     sparsity_loss: torch.FloatTensor | None = None  # router='sparsegen' (LD-MoLE)
     entropy_loss: torch.FloatTensor | None = None  # router='dynmole' (DynMoLE)
+    rsl_loss: torch.FloatTensor | None = None  # router='hard_soft' (LoRA-Mixer)
+    lbc_loss: torch.FloatTensor | None = None  # lbc_loss_coef > 0 (LoRAMoE)
 
 
 def _matches(name: str, target: str | list[str]) -> bool:
@@ -221,9 +227,11 @@ class LMoEModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     # ---------------------------------------------------------------- forward and losses
-    def forward(self, *args, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, *args, input_ids=None, attention_mask=None, labels=None, task_type=None, **kwargs):
         # Named arguments (not only **kwargs) so that Trainer's column filter keeps them; only those
-        # given are passed on, so a plain module called as model(x) works too.
+        # given are passed on, so a plain module called as model(x) works too. ``task_type`` (B,) is ours
+        # (LoRAMoE's localised balancing constraint) and never reaches the base model.
+        batch_size = _batch_size(task_type, attention_mask, input_ids, kwargs.get("inputs_embeds"))
         for m in self.lmoe_layers().values():
             m.last_routing = None
         if self.training and self._pending_counts:
@@ -236,14 +244,15 @@ class LMoEModel(nn.Module):
         track = self._accumulate
         if labels is None and not track:
             return out
-        losses = self._routing_losses(attention_mask, accumulate=track)
+        losses = self._routing_losses(attention_mask, accumulate=track, task_type=task_type, batch_size=batch_size)
         aux, z = losses["aux"], losses["z"]
         if labels is None or getattr(out, "loss", None) is None or aux is None:
             return out
         c = self.lmoe_config
         loss = out.loss + c.aux_loss_coef * aux + (c.z_loss_coef * z if c.z_loss_coef else 0.0)
         extra = {}
-        for key, coef in (("sparsity_loss", c.sparsity_loss_coef), ("entropy_loss", c.entropy_loss_coef)):
+        for key, coef in (("sparsity_loss", c.sparsity_loss_coef), ("entropy_loss", c.entropy_loss_coef),
+                          ("rsl_loss", c.rsl_loss_coef), ("lbc_loss", c.lbc_loss_coef)):
             if losses.get(key) is not None:
                 extra[key] = losses[key]
                 if coef:
@@ -293,11 +302,13 @@ class LMoEModel(nn.Module):
         losses = self._routing_losses(attention_mask, accumulate)
         return losses["aux"], losses["z"]
 
-    def _routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False) -> dict:
-        """``aux`` (balance loss) and ``z``, and for their routers ``sparsity_loss`` / ``entropy_loss``, each
+    def _routing_losses(self, attention_mask: torch.Tensor | None = None, accumulate: bool = False,
+                        task_type: torch.Tensor | None = None, batch_size: int | None = None) -> dict:
+        """``aux`` (balance loss) and ``z``, for their routers ``sparsity_loss`` / ``entropy_loss`` / ``rsl_loss``, and
+        with ``lbc_loss_coef > 0`` LoRAMoE's ``lbc_loss`` (over ``batch_size`` samples with their ``task_type``), each
         averaged over the adapted layers, from the last forward (None where there is no routed layer)."""
         c = self.lmoe_config
-        bal, zs, sparse, ent = [], [], [], []
+        bal, zs, sparse, ent, rsl, lbc = [], [], [], [], [], []
         for name, m in self.lmoe_layers().items():
             if m.last_routing is None or not m.routed:
                 continue
@@ -312,6 +323,11 @@ class LMoEModel(nn.Module):
                 sparse.append(sparsity_loss(logits, m.last_lambda, c.top_k, mask))
             elif c.router == "dynmole":
                 ent.append(entropy_loss(logits, c.tsallis_q, mask))
+            elif c.router == "hard_soft":
+                rsl.append(specialization_loss(logits, mask))
+            if c.lbc_loss_coef > 0:
+                lbc.append(localized_balance_loss(gates, batch_size or 1, c.lbc_world_experts(m.num_experts),
+                                                  c.lbc_delta, task_type, mask))
             if accumulate:
                 sums = routing_sums(logits, gates, k, mask, selected)
                 acc = self._sums.setdefault(name, {k_: torch.zeros_like(v) for k_, v in sums.items()})
@@ -324,6 +340,10 @@ class LMoEModel(nn.Module):
             out["sparsity_loss"] = torch.stack(sparse).mean()
         if ent:
             out["entropy_loss"] = torch.stack(ent).mean()
+        if rsl:
+            out["rsl_loss"] = torch.stack(rsl).mean()
+        if lbc:
+            out["lbc_loss"] = torch.stack(lbc).mean()
         return out
 
     # ---------------------------------------------------------------- routing statistics
@@ -506,6 +526,24 @@ def _like(src: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         # Every rank read the same file: each takes its own shard, no communication.
         return distribute_tensor(src.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
     return src
+
+
+def _batch_size(task_type, attention_mask, input_ids, inputs_embeds) -> int | None:
+    """Samples in the batch (for LoRAMoE's per-sample importance): from ``task_type`` (B,), which must agree with
+    the inputs, else from ``attention_mask`` / ``input_ids`` / ``inputs_embeds``; None if none is given (then the
+    loss treats the whole forward as one sample)."""
+    from_inputs = next((t.shape[0] for t in (attention_mask, input_ids, inputs_embeds)
+                        if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+    if task_type is None:
+        return from_inputs
+    if not isinstance(task_type, torch.Tensor) or task_type.dim() != 1:
+        raise ValueError(f"task_type must be a 1-D tensor of one value per sample (1, 0 or -1), got "
+                         f"{getattr(task_type, 'shape', type(task_type).__name__)}")
+    if from_inputs is not None and task_type.shape[0] != from_inputs:
+        raise ValueError(f"task_type has {task_type.shape[0]} entries for a batch of {from_inputs} samples")
+    # Values are not checked here (that would sync with the device every step): any value other than 1 or 0
+    # counts as unknown (weight 1) in the loss.
+    return task_type.shape[0]
 
 
 def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

@@ -32,6 +32,16 @@ Definitions (docs/method.md states the same):
   entropy (``tsallis_entropy``); ``H > threshold``: all experts, ``g = p``; else the experts (by p, descending)
   whose cumulative p is ``<= top_p``, at least the first k, with ``g_i = p_i`` there (not renormalised) and 0
   elsewhere. Entropy loss: mean of H over tokens.
+* hard-soft router (LoRA-Mixer, our reading; docs/methods.md): forward values exactly the top-k router's
+  (softmax over the k largest logits, zeros elsewhere), backward the gradient of the dense ``softmax(l)``
+  (straight-through: ``g = p + stop_grad(topk_gates - p)``), so every expert's logit learns.
+  Routing specialisation loss: ``mean_t H(p_t) / log N + 1 - H(mean_t p_t) / log N`` (``specialization_loss``).
+* LoRAMoE's localised balancing constraint (``localized_balance_loss``): per sample b and routed expert i the
+  importance ``Q_bi = sum_t g_bti`` (non-padding tokens), weighted by ``I_bi = 1 + delta`` where expert i's group
+  (the first ``n_world`` experts: world knowledge, task type 1; the rest: downstream, type 0) matches the sample's
+  task type, ``1 - delta`` where not, 1 for an unknown type (-1) or no types at all; the loss is the squared
+  coefficient of variation ``var(Z) / (mean(Z)^2 + 1e-10)`` of the B*N entries ``Z = Q * I`` (unbiased var;
+  0 for a single entry).
 * balance bias (aux-loss-free balancing, Wang et al. 2024 / DeepSeek-V3): for the top-k routers a bias
   ``b`` (no gradient) is added to the scores used to *select* experts only; after each training forward
   ``b_i += rate * sign(mean_j c_j - c_i)`` with ``c_i`` the number of non-padding tokens that selected i.
@@ -57,6 +67,7 @@ import torch.nn.functional as F
 
 SPARSEGEN_EPS = 1e-2  # LD-MoLE's GlobalSparsegen eps: lam <= 1 - eps
 TSALLIS_EPS = 1e-5  # DynMoLE's entropy_eps: added to p before the entropy
+CV_EPS = 1e-10  # LoRAMoE's cv_squared eps
 
 
 def route(logits: torch.Tensor, router: str, top_k: int, capacity_factor: float | None = 1.25,
@@ -75,6 +86,8 @@ def route(logits: torch.Tensor, router: str, top_k: int, capacity_factor: float 
         return dynmole_gates(logits, top_k, top_p, entropy_threshold, tsallis_q)
     if router == "softmax":
         return logits.softmax(dim=-1)
+    if router == "hard_soft":
+        return hard_soft_gates(logits, top_k)
     if router in ("topk", "noisy_topk"):
         if bias is None:
             vals, idx = logits.topk(top_k, dim=-1)  # (T, k)
@@ -92,6 +105,61 @@ def route(logits: torch.Tensor, router: str, top_k: int, capacity_factor: float 
     if router == "switch":
         return switch_gates(logits, capacity_factor)
     raise ValueError(f"unknown router {router!r}")
+
+
+def hard_soft_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """LoRA-Mixer's hard-soft gates (our reading): the values of the top-k router (softmax over the k largest
+    logits, 0 elsewhere), the gradient of the dense ``p = softmax(l)``: ``p + (topk_gates - p).detach()``."""
+    p = logits.softmax(dim=-1)
+    vals, idx = logits.topk(top_k, dim=-1)
+    hard = torch.zeros_like(logits).scatter(-1, idx, vals.softmax(dim=-1))
+    return p + (hard - p).detach()
+
+
+def specialization_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRA-Mixer's routing specialisation loss of one layer (our reading, a 0-dim tensor): with ``p = softmax(l)``,
+    ``mean_t H(p_t) / log N + 1 - H(mean_t p_t) / log N`` over the (non-padding) tokens, ``H(p) = -sum p log p``;
+    in [0, 2], 0 when every token picks one expert with certainty and the experts are used equally. 0 for N = 1."""
+    n = logits.shape[-1]
+    if n == 1:
+        return logits.new_zeros(())
+    p = logits.softmax(dim=-1)
+    token = -torch.special.xlogy(p, p).sum(dim=-1, keepdim=True)  # (T, 1)
+    mean_p = _masked_mean(p, mask)  # (N,)
+    marginal = -torch.special.xlogy(mean_p, mean_p).sum()
+    return (_masked_mean(token, mask).squeeze(-1) + math.log(n) - marginal) / math.log(n)
+
+
+def cv_squared(x: torch.Tensor, eps: float = CV_EPS) -> torch.Tensor:
+    """LoRAMoE's ``cv_squared``: ``var(x) / (mean(x)^2 + eps)`` of a flat tensor (unbiased var, in float32 or
+    wider); 0 for a single entry."""
+    x = x.reshape(-1)
+    if x.numel() == 1:
+        return x.new_zeros(())
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+def localized_balance_loss(gates: torch.Tensor, batch_size: int, n_world: int, delta: float,
+                           task_type: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRAMoE's localised balancing constraint of one layer (a 0-dim tensor), without its weight.
+
+    ``gates`` (B*S, N) are the routed gates of B samples of S tokens, batch-major; ``task_type`` (B,) holds 1
+    (world knowledge: the first ``n_world`` experts), 0 (downstream tasks: the others) or -1 (unknown: weight 1);
+    ``None``: every weight 1, i.e. the plain CV^2 of the importance. ``mask`` (B*S,) drops padding from Q."""
+    t, n = gates.shape
+    if t % batch_size:
+        raise ValueError(f"cannot split {t} routed tokens into {batch_size} samples")
+    g = gates if mask is None else gates * mask.reshape(-1, 1).to(gates.dtype)
+    q = g.reshape(batch_size, t // batch_size, n).sum(dim=1)  # (B, N) importance per sample and expert
+    if task_type is not None:
+        tt = task_type.reshape(-1, 1).to(q.device)  # (B, 1)
+        world = torch.arange(n, device=q.device).unsqueeze(0) < n_world  # (1, N)
+        match = torch.where(world, tt == 1, tt == 0)  # (B, N)
+        weight = torch.where(match, 1.0 + delta, 1.0 - delta).to(q.dtype)
+        known = (tt == 0) | (tt == 1)
+        q = q * torch.where(known, weight, torch.ones_like(weight))
+    return cv_squared(q)
 
 
 def switch_gates(logits: torch.Tensor, capacity_factor: float | None) -> torch.Tensor:
@@ -178,7 +246,7 @@ def dispatch_k(router: str, top_k: int) -> int | None:
     None (the mean number of active experts, from the gates) for the sparsegen and dynmole routers."""
     if router in ("sparsegen", "dynmole"):
         return None
-    return top_k if router in ("topk", "noisy_topk", "sigmoid_topk", "implicit") else 1
+    return top_k if router in ("topk", "noisy_topk", "sigmoid_topk", "implicit", "hard_soft") else 1
 
 
 def selection_counts(gates: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ checkpoints, DDP through Accelerate/torchrun) are Trainer's; what is ours is sma
 * ``LMoETrainer.compute_loss`` uses the joint loss the model returns and keeps the routing terms
   (detached, on device: no host sync per step) for logging.
 * ``LMoETrainer.log`` adds the mean ``lm_loss``, ``aux_loss``, ``z_loss`` (and ``sparsity_loss`` /
-  ``entropy_loss`` for the sparsegen / dynmole routers) since the last log and the
+  ``entropy_loss`` / ``rsl_loss`` for the sparsegen / dynmole / hard_soft routers, ``lbc_loss`` for LoRAMoE's
+  localised balancing constraint) since the last log and the
   mean normalised router entropy of the last step, and warns when routing collapses.
 * Checkpoints hold the adapter only (``LMoEModel.save_pretrained``), and resuming loads it back; the
   optimizer, scheduler, RNG and data position are Trainer's (``optimizer.pt`` etc., read back with
@@ -37,7 +38,8 @@ from transformers import Trainer, TrainerCallback
 logger = logging.getLogger("lmoe")
 
 LOG_COLUMNS = ("step", "epoch", "loss", "lm_loss", "aux_loss", "z_loss", "router_entropy", "learning_rate",
-               "grad_norm", "eval_loss", "num_input_tokens_seen", "sparsity_loss", "entropy_loss")
+               "grad_norm", "eval_loss", "num_input_tokens_seen", "sparsity_loss", "entropy_loss", "rsl_loss",
+               "lbc_loss")
 
 
 # Codes of the non-finite events, ordered so that the min-reduction prefers the loss over the gradient norm.
@@ -155,7 +157,7 @@ class LMoETrainer(Trainer):
         outputs = model(**inputs)
         loss = outputs["loss"]
         if model.training:
-            for key in ("lm_loss", "aux_loss", "z_loss", "sparsity_loss", "entropy_loss"):
+            for key in ("lm_loss", "aux_loss", "z_loss", "sparsity_loss", "entropy_loss", "rsl_loss", "lbc_loss"):
                 value = outputs.get(key) if hasattr(outputs, "get") else None
                 if value is not None:
                     self._extra[key] = self._extra.get(key, 0.0) + value.detach().float()

@@ -127,7 +127,7 @@ ROWS_BAD = {
                              M + "target_modules must be a non-empty regex or list of names, got ['']"),
     "router": (lambda d: _train(d, "--router", "expert_choice"),
                M + "router must be one of softmax, topk, noisy_topk, switch, sigmoid_topk, implicit, static, sparsegen, "
-                   "dynmole, got 'expert_choice'"),
+                   "dynmole, hard_soft, got 'expert_choice'"),
     "top_k": (lambda d: _train(d, "--top-k", "0"), M + "top_k must be an integer >= 1, got 0"),
     "top_k_gt_n": (lambda d: _train(d, "--router", "topk", "--top-k", "5"),
                    M + "top_k must be <= num_experts (4), got 5"),

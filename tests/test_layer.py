@@ -304,7 +304,7 @@ def test_forward_and_backward_op_counts_do_not_depend_on_num_experts(composition
     ({"alpha": float("nan")}, "LMoEConfig.alpha must be a finite number > 0, got nan"),
     ({"dropout": 1.0}, "LMoEConfig.dropout must be a number in [0, 1), got 1.0"),
     ({"router": "foo"}, "LMoEConfig.router must be one of softmax, topk, noisy_topk, switch, sigmoid_topk, implicit, "
-                        "static, sparsegen, dynmole, got 'foo'"),
+                        "static, sparsegen, dynmole, hard_soft, got 'foo'"),
     ({"composition": "bar"}, "LMoEConfig.composition must be one of delta, factor, got 'bar'"),
     ({"router": "topk", "num_experts": 4, "top_k": 5}, "LMoEConfig.top_k must be <= num_experts (4), got 5"),
     ({"top_k": 0}, "LMoEConfig.top_k must be an integer >= 1, got 0"),
@@ -328,8 +328,9 @@ def test_from_dict_rejects_unknown_key_and_round_trips():
         LMoEConfig.from_dict({"rank": 4, "num_expert": 2})
     assert str(e.value) == ("LMoEConfig: unknown field(s) num_expert; known: alpha, aux_loss_coef, balance_bias_rate, "
                             "capacity_factor, composition, core_experts, dropout, entropy_loss_coef, "
-                            "entropy_threshold, frozen_sparse_A, lora_modules, num_experts, rank, router, "
-                            "router_init_std, share_A, shared_experts, shared_router_modules, sparsegen_hidden, "
+                            "entropy_threshold, frozen_sparse_A, lbc_delta, lbc_loss_coef, lbc_world_fraction, "
+                            "lora_modules, num_experts, rank, router, router_init_std, rsl_loss_coef, share_A, "
+                            "shared_experts, shared_router_modules, sparsegen_hidden, "
                             "sparsegen_shared, sparsity_loss_coef, target_modules, top_k, top_p, tsallis_q, "
                             "z_loss_coef")
     cfg = LMoEConfig(num_experts=3, rank=2, target_modules=("q_proj",), router="topk", top_k=3)

@@ -19,7 +19,7 @@ from tests.helpers import random_ids, randomize_lora_B, tiny_llama
 from tests.test_cli import _train, workdir  # noqa: F401  (the module-scoped tiny model folder + data)
 
 NAMES = ["lmoe", "lmoe-factor", "mola", "hydralora", "shared-expert", "llava-mole", "switch", "noisy-topk", "mixlora",
-         "smora", "flylora", "comol", "ld-mole", "dynmole"]
+         "smora", "flylora", "comol", "ld-mole", "dynmole", "loramoe", "lora-mixer"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -66,6 +66,13 @@ def test_preset_names_and_values():
     assert (dyn.router, dyn.num_experts, dyn.rank, dyn.alpha, dyn.dropout, dyn.target_modules, dyn.top_k, dyn.top_p,
             dyn.entropy_threshold, dyn.tsallis_q, dyn.aux_loss_coef, dyn.entropy_loss_coef) == (
         "dynmole", 6, 24, 48.0, 0.05, MLP, 2, 0.75, 0.9, 1.1, 1e-3, 1e-2)
+    lm = LMoEConfig.from_preset("loramoe")
+    assert (lm.router, lm.num_experts, lm.rank, lm.alpha, lm.dropout, lm.target_modules, lm.aux_loss_coef,
+            lm.lbc_loss_coef, lm.lbc_delta, lm.lbc_world_fraction) == (
+        "softmax", 8, 4, 32.0, 0.05, MLP, 0.0, 1e-2, 0.1, 0.5)
+    mix = LMoEConfig.from_preset("lora-mixer")
+    assert (mix.router, mix.num_experts, mix.top_k, mix.rank, mix.alpha, mix.target_modules, mix.aux_loss_coef,
+            mix.rsl_loss_coef) == ("hard_soft", 8, 2, 8, 16.0, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.0, 1e-2)
 
 
 def test_from_preset_overrides_and_errors():
@@ -76,7 +83,8 @@ def test_from_preset_overrides_and_errors():
     with pytest.raises(ValueError) as e:
         LMoEConfig.from_preset("nope")
     assert str(e.value) == ("unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                            "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole")
+                            "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole, loramoe, "
+                            "lora-mixer")
     with pytest.raises(ValueError, match=r"LMoEConfig: unknown field\(s\) ranks; known: "):
         LMoEConfig.from_preset("switch", ranks=4)
     with pytest.raises(ValueError, match=r"LMoEConfig.top_k must be <= the smallest num_experts \(2\), got 3"):
@@ -171,6 +179,12 @@ def test_every_preset_trains_saves_and_loads(name, tmp_path):
     if name == "dynmole":
         assert out.entropy_loss is not None and out.sparsity_loss is None
         torch.testing.assert_close(out.loss, out.lm_loss + 1e-3 * out.aux_loss + 1e-2 * out.entropy_loss)
+    if name == "lora-mixer":
+        assert out.rsl_loss is not None and out.lbc_loss is None
+        torch.testing.assert_close(out.loss, out.lm_loss + 1e-2 * out.rsl_loss)
+    if name == "loramoe":  # the localised balancing constraint is on (no task types here: the plain CV^2 form)
+        assert out.lbc_loss is not None and out.rsl_loss is None
+        torch.testing.assert_close(out.loss, out.lm_loss + 1e-2 * out.lbc_loss)
     loaded = LMoEModel.from_pretrained(tiny_llama(), tmp_path)
     model.eval()
     with torch.no_grad():
@@ -265,4 +279,5 @@ def test_cli_method_from_yaml_and_unknown_method(workdir, tmp_path, capsys):  # 
     assert _train(workdir, tmp_path / "run", "--method", "nope") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("lmoe: error: unknown preset 'nope'; known: lmoe, lmoe-factor, mola, hydralora, shared-expert, "
-                   "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole")
+                   "llava-mole, switch, noisy-topk, mixlora, smora, flylora, comol, ld-mole, dynmole, loramoe, "
+                   "lora-mixer")
