@@ -1,6 +1,6 @@
 """Every method preset, for real: train on SmolLM2-135M through the CLI, save, reload, evaluate.
 
-    python benchmarks/presets_smoke.py [--presets mixlora smora] [--steps 10]
+    python benchmarks/presets_smoke.py [--presets mixlora smora] [--steps 10] [--update docs/methods.md]
 
 For each preset (``lmoe.presets.PRESETS``): ``lmoe train --method NAME`` on the bundled mix for a few
 steps (batch 4 x 128 tokens, lr 1e-3, the same seed and data order for all), then, in this process,
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="results/presets")
     p.add_argument("--work-dir", default="/tmp/lmoe-presets")
+    p.add_argument("--update", default=None, help="rewrite the <!-- presets:start/end --> block of this file")
     a = p.parse_args(argv)
     out, work = Path(a.out), Path(a.work_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,11 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("preset", "train_s_per_step", "val_loss_mean")}), flush=True)
     print(table(out))
+    if a.update:
+        doc = Path(a.update).read_text()
+        start, end = "<!-- presets:start -->", "<!-- presets:end -->"
+        i, j = doc.index(start) + len(start), doc.index(end)
+        Path(a.update).write_text(doc[:i] + "\n" + table(out) + "\n" + doc[j:])
     return 0
 
 
