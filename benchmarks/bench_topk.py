@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--json", default=None)
+    p.add_argument("--pieces-only", action="store_true", help="only the family's layer pieces")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     info = machine_info()
@@ -119,7 +120,8 @@ def main(argv=None) -> dict:
     R = torch.randn(a.tokens, a.d_out, generator=gen)
     results = {"machine": info, "args": vars(a), "crossover": [], "pieces": {}}
     rows = []
-    for n, r, k in [(8, 8, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2), (16, 1, 8), (64, 1, 8), (128, 1, 8)]:
+    for n, r, k in [] if a.pieces_only else [(8, 8, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2), (16, 1, 8), (64, 1, 8),
+                                             (128, 1, 8)]:
         dense = lmoe_layer(base, gen, num_experts=n, rank=r, router="topk", top_k=k)
         sparse = SparseTopK(dense)
         check_same(sparse, dense, x.detach()[:256].requires_grad_())
@@ -133,9 +135,10 @@ def main(argv=None) -> dict:
         rows.append([n, r, k, f"{ms['dense']:.2f}", f"{ms['sparse']:.2f}", f"{paired:.2f}", f"{ms['lora-Nr']:.2f}",
                      f"{ms['lora-kr']:.2f}", f"{ms['base']:.2f}"])
         print(f"  N={n} r={r} k={k}: sparse/dense {paired:.2f}", flush=True)
-    print("\nfwd+bwd CPU ms per step (1 thread), medians; sparse/dense = median of per-round ratios")
-    print(markdown_table(["N", "r", "k", "masked dense", "sparse grouped", "sparse / dense", "lora-N·r",
-                          "lora-k·r", "base"], rows))
+    if rows:
+        print("\nfwd+bwd CPU ms per step (1 thread), medians; sparse/dense = median of per-round ratios")
+        print(markdown_table(["N", "r", "k", "masked dense", "sparse grouped", "sparse / dense", "lora-N·r",
+                              "lora-k·r", "base"], rows))
 
     pieces = {
         "lmoe (N=8, r=8)": lmoe_layer(base, gen),
@@ -144,6 +147,9 @@ def main(argv=None) -> dict:
                                                          router="implicit", top_k=8, frozen_sparse_A=0.25),
         "sigmoid_topk (SMoRA, N=64, r=1, k=8)": lmoe_layer(base, gen, num_experts=64, rank=1, alpha=2.0,
                                                            router="sigmoid_topk", top_k=8),
+        "sparsegen (LD-MoLE, N=8, r=8, lam-MLP 512)": lmoe_layer(base, gen, router="sparsegen"),
+        "dynmole (N=8, r=8)": lmoe_layer(base, gen, router="dynmole"),
+        "hard_soft (LoRA-Mixer, N=8, r=8, k=2)": lmoe_layer(base, gen, router="hard_soft", top_k=2),
         "lora-64": LoRA(base, 64, gen),
         "base": base,
     }
