@@ -419,12 +419,21 @@ def cmd_train(args) -> int:
 
 
 def _end_distributed() -> None:
-    """Leave the process group together: a rank that exits while gloo's threads are alive aborts (SIGABRT,
-    "terminate called without an active exception"). Rank 0 runs evaluation afterwards on its own."""
+    """Leave the process group cleanly once this rank has no collective left to run.
+
+    Two failure modes seen in CI, both at the group's teardown:
+    * a rank that exits with its gloo group never destroyed can abort at interpreter shutdown (SIGABRT,
+      "terminate called without an active exception");
+    * a deadlock: gloo's worker thread frees the last collective's work object (Trainer's final barrier)
+      *after* the caller has returned from it, and freeing its tensors needs the GIL; if DDP's Reducer (which
+      holds the group) is freed meanwhile, the group's destructor joins that worker while holding the GIL.
+    So: first let the workers finish (sleeping releases the GIL), then destroy the group. Nothing collective
+    follows, so a rank may do this while another still works (rank 0 writes the summary)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        for _ in range(5):  # ~0.5 s in short sleeps, each a chance for the worker to take the GIL
+            time.sleep(0.1)
         dist.destroy_process_group()
 
 
