@@ -43,7 +43,11 @@ class Profile:
     warmup_ratio: float = 0.05
     aux_loss_coef: float = 1e-2
     model: str = "smollm2-135m"  # anything lmoe.models.load_model takes (tests use a tiny model folder)
+    lr_by_method: dict = field(default_factory=dict)  # per-method learning rate (validated on the sweep); else lr
     extra: dict = field(default_factory=dict)
+
+    def lr_for(self, method: str) -> float:
+        return self.lr_by_method.get(method, self.lr)
 
 
 PROFILES = {
@@ -51,6 +55,11 @@ PROFILES = {
     # Test subsets: the first rows of each test file.
     "cpu": Profile("cpu", seq_len=256, batch_size=8, max_steps=80, lr=3e-4, eval_limit=100, gen_limit=25,
                    max_new_tokens=192),
+    # The cpu profile with each method at the learning rate the validation sweep picked (docs/results.md:
+    # LoRA best at 1e-3; L-MoE still improving at 3e-3, the grid's edge; factor / top-2 take L-MoE's).
+    "cpu-tuned": Profile("cpu-tuned", seq_len=256, batch_size=8, max_steps=80, lr=3e-4, eval_limit=100, gen_limit=25,
+                         max_new_tokens=192, lr_by_method={"lora": 1e-3, "lora-r": 1e-3, "lmoe": 3e-3,
+                                                         "lmoe-factor": 3e-3, "lmoe-top2": 3e-3}),
     # For a GPU: full test sets, longer training.
     "gpu": Profile("gpu", seq_len=512, batch_size=16, max_steps=2000, lr=2e-4, eval_limit=0, gen_limit=0,
                    max_new_tokens=384),
@@ -153,7 +162,7 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
     train_ds, _ = build_dataset(tok, examples, profile.seq_len, seed=seed)
     targs = TrainingArguments(
         output_dir=str(run_dir), max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
-        learning_rate=profile.lr, lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
+        learning_rate=profile.lr_for(method), lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
         data_seed=seed, logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
@@ -235,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", default="results/multitask")
+    p.add_argument("--out", default=None, help="default results/multitask (cpu), results/multitask-<profile>, "
+                                                 "results/sweep (--sweep)")
     p.add_argument("--work-dir", default="runs/multitask", help="training logs (not committed)")
     p.add_argument("--max-steps", type=int, default=None, help="override the profile (smoke tests)")
     p.add_argument("--eval-limit", type=int, default=None)
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
         unknown = [n for n in names if n not in SWEEP]
         if unknown:
             p.error(f"unknown sweep point(s) {', '.join(unknown)}; known: {', '.join(SWEEP)}")
-        out = Path(a.out if a.out != "results/multitask" else "results/sweep")
+        out = Path(a.out or "results/sweep")
         for name in names:
             if (out / f"{name}.json").exists():
                 print(f"skip {out / name}.json (done)")
@@ -264,7 +274,7 @@ def main(argv=None) -> int:
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    out = Path(a.out)
+    out = Path(a.out or ("results/multitask" if a.profile == "cpu" else f"results/multitask-{a.profile}"))
     for seed in a.seeds:
         for method in a.methods:
             if method == "base" and seed != a.seeds[0]:

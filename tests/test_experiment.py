@@ -130,3 +130,24 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
     assert "| lora | 0.750 |" in text and "| lora | 0.500 |" in text  # main-score table, test-loss table
     assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
+
+
+def test_tuned_profile_lr_per_method_and_its_own_folder(tiny_dir, tmp_path, monkeypatch):
+    tuned = PROFILES["cpu-tuned"]
+    assert (tuned.lr_for("lmoe"), tuned.lr_for("lora"), tuned.lr_for("base")) == (3e-3, 1e-3, 3e-4)
+    assert PROFILES["cpu"].lr_for("lmoe") == 3e-4
+    small = replace(tuned, seq_len=48, batch_size=2, max_steps=1, eval_limit=1, gen_limit=1, max_new_tokens=2,
+                    model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu-tuned", small)
+    seen = []
+    real = experiment.train_method
+
+    def spy(method, seed, profile, *args, **kw):
+        seen.append(profile.lr_for(method))
+        return real(method, seed, profile, *args, **kw)
+
+    monkeypatch.setattr(experiment, "train_method", spy)
+    monkeypatch.chdir(tmp_path)
+    assert experiment.main(["--profile", "cpu-tuned", "--methods", "lmoe", "--seeds", "0", "--work-dir", "w"]) == 0
+    r = json.loads((tmp_path / "results" / "multitask-cpu-tuned" / "lmoe-seed0.json").read_text())
+    assert r["profile"] == "cpu-tuned" and r["settings"]["lr_by_method"]["lmoe"] == 3e-3 and seen == [3e-3]
