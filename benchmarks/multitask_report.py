@@ -2,6 +2,8 @@
 
     python benchmarks/multitask_report.py [--dir results/multitask] > /tmp/section.md
     python benchmarks/multitask_report.py --update docs/results.md   # rewrite the marked blocks in place
+    python benchmarks/multitask_report.py --dir results/multitask-cpu-tuned --block report-tuned \
+        --update docs/results.md                                      # another profile, its own block
 
 The tuning sweep (``python -m lmoe.experiment --sweep``, results/sweep/*.json) gets its own table:
 validation loss per task of every sweep point (a split carved from train, never test).
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="results/multitask")
     p.add_argument("--sweep-dir", default="results/sweep")
     p.add_argument("--update", default=None, help="a markdown file whose report/sweep blocks are rewritten")
+    p.add_argument("--block", default="report", help="name of the marked block the report goes in (--update)")
     a = p.parse_args(argv)
     runs = load(Path(a.dir))
     if not runs:
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     text, sweep = report(runs), sweep_report(Path(a.sweep_dir))
     if a.update:
         path = Path(a.update)
-        doc = _replace_block(path.read_text(), "report", text)
+        doc = _replace_block(path.read_text(), a.block, text)
         if "<!-- sweep:start -->" in doc:
             doc = _replace_block(doc, "sweep", sweep)
         path.write_text(doc)

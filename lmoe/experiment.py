@@ -79,6 +79,7 @@ SWEEP = {
     "lmoe-lr3e-4": ("lmoe", {"lr": 3e-4}),
     "lmoe-lr1e-3": ("lmoe", {"lr": 1e-3}),
     "lmoe-lr3e-3": ("lmoe", {"lr": 3e-3}),
+    "lmoe-lr1e-2": ("lmoe", {"lr": 1e-2}),
     "lmoe-aux0": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 0.0}),
     "lmoe-aux1e-3": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 1e-3}),
     "lmoe-N4r16": ("lmoe", {"lr": 1e-3, "num_experts": 4, "rank": 16}),

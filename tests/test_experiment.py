@@ -130,6 +130,16 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
     assert "| lora | 0.750 |" in text and "| lora | 0.500 |" in text  # main-score table, test-loss table
     assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
+    tuned = tmp_path / "tuned.md"
+    tuned.write_text("<!-- report:start -->\nkeep\n<!-- report:end -->\n<!-- report-tuned:start -->\nold\n"
+                     "<!-- report-tuned:end -->\n")
+    assert mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--block", "report-tuned",
+                    "--update", str(tuned)]) == 0
+    text = tuned.read_text()
+    assert text.startswith("<!-- report:start -->\nkeep\n<!-- report:end -->\n<!-- report-tuned:start -->\n"
+                           "Profile `cpu`") and "\nold\n" not in text
+    with pytest.raises(SystemExit, match="markers <!-- nope:start --> / <!-- nope:end --> not found"):
+        mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--block", "nope", "--update", str(tuned)])
 
 
 def test_tuned_profile_lr_per_method_and_its_own_folder(tiny_dir, tmp_path, monkeypatch):
