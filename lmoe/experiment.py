@@ -80,10 +80,12 @@ SWEEP = {
     "lmoe-lr1e-3": ("lmoe", {"lr": 1e-3}),
     "lmoe-lr3e-3": ("lmoe", {"lr": 3e-3}),
     "lmoe-lr1e-2": ("lmoe", {"lr": 1e-2}),
-    "lmoe-aux0": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 0.0}),
-    "lmoe-aux1e-3": ("lmoe", {"lr": 1e-3, "aux_loss_coef": 1e-3}),
-    "lmoe-N4r16": ("lmoe", {"lr": 1e-3, "num_experts": 4, "rank": 16}),
-    "lmoe-N16r4": ("lmoe", {"lr": 1e-3, "num_experts": 16, "rank": 4}),
+    # At L-MoE's validated lr (3e-3, best of the lr points above): the aux-loss weight (1e-2 is lmoe-lr3e-3)
+    # and N / r at a fixed parameter budget (N·r = 64; the gates grow with N).
+    "lmoe-aux0": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 0.0}),
+    "lmoe-aux1e-3": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 1e-3}),
+    "lmoe-N4r16": ("lmoe", {"lr": 3e-3, "num_experts": 4, "rank": 16}),
+    "lmoe-N16r4": ("lmoe", {"lr": 3e-3, "num_experts": 16, "rank": 4}),
 }
 
 
