@@ -11,8 +11,8 @@ validation loss per task of every sweep point (a split carved from train, never 
 Per task: mean ± std over seeds of each method's main score and test loss. For each L-MoE variant
 against ``lora``: a paired bootstrap 95% confidence interval of the difference, resampling test
 examples (the same resampled examples for both methods and every seed; the difference is averaged
-over the seeds both methods have). Needs the per-example arrays the runs store; runs without them
-get no interval.
+over the seeds both methods have), and the mean difference of each seed on its own (do the seeds agree?).
+Needs the per-example arrays the runs store; runs without them get no interval.
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ def paired_bootstrap(a: dict[int, dict], b: dict[int, dict], task: str, key: str
     return statistics.mean(diff), boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
 
 
+def per_seed_difference(a: dict, b: dict, task: str, key: str) -> float:
+    """Mean over test examples of (a - b) for one seed's pair of runs."""
+    pa, pb = (r["metrics"][task]["per_example"][key] for r in (a, b))
+    return statistics.mean(x - y for x, y in zip(pa, pb))
+
+
 def report(runs: dict[str, dict[int, dict]]) -> str:
     methods = [m for m in ORDER if m in runs] + sorted(set(runs) - set(ORDER))
     tasks = sorted({t for m in runs.values() for r in m.values() for t in r["metrics"]})
@@ -76,11 +82,13 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
                + (f", per-method lr {s['lr_by_method']}" if s.get("lr_by_method") else "")
                + f"; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
                f"accuracy, first {s.get('gen_limit') or 'all'} for gsm8k / mbpp generation.\n")
-    head = ["method", "seeds", "trainable params", "train tokens", "wall min"]
+    head = ["method", "seeds", "lr", "trainable params", "train tokens", "wall min"]
     out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for m in methods:
         rs = list(runs[m].values())
-        out.append(f"| {m} | {len(rs)} | {rs[0]['trainable_params']:,} | {rs[0]['train_tokens']:,} | "
+        st = rs[0].get("settings", {})
+        lr = "–" if m == "base" else f"{st.get('lr_by_method', {}).get(m, st.get('lr', float('nan'))):g}"
+        out.append(f"| {m} | {len(rs)} | {lr} | {rs[0]['trainable_params']:,} | {rs[0]['train_tokens']:,} | "
                    f"{statistics.mean(r['total_wall_s'] for r in rs) / 60:.1f} |")
     out.append("")
     out.append("Main score per task (mean ± std over seeds; accuracy / exact match / pass@1, higher is better; "
@@ -101,8 +109,8 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
     if "lora" in runs:
         out.append("\nPaired bootstrap, L-MoE variant − `lora` (95% interval over test examples; loss: "
                    "negative = L-MoE better; scores: positive = L-MoE better):\n")
-        out.append("| variant | task | metric | difference | 95% interval | verdict |")
-        out.append("|---|---|---|---:|---|---|")
+        out.append("| variant | task | metric | difference | 95% interval | per seed | verdict |")
+        out.append("|---|---|---|---:|---|---|---|")
         for m in (x for x in methods if x.startswith("lmoe")):
             for t in tasks:
                 for key in ("loss", MAIN.get(t)):
@@ -115,7 +123,9 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
                     better = (hi < 0) if key == "loss" else (lo > 0)
                     worse = (lo > 0) if key == "loss" else (hi < 0)
                     verdict = "L-MoE better" if better else "LoRA better" if worse else "no significant difference"
-                    out.append(f"| {m} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+                    seeds = " ".join(f"{per_seed_difference(runs[m][k], runs['lora'][k], t, key):+.3f}"
+                                     for k in sorted(set(runs[m]) & set(runs["lora"])))
+                    out.append(f"| {m} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {seeds} | {verdict} |")
     return "\n".join(out) + "\n"
 
 

@@ -83,7 +83,7 @@ def test_sweep_point_uses_validation_split(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     assert experiment.main(["--sweep", "lmoe-aux0", "--out", str(out), "--work-dir", str(tmp_path / "w")]) == 0
     r = json.loads((out / "lmoe-aux0.json").read_text())
-    assert r["point"] == "lmoe-aux0" and r["settings"]["aux_loss_coef"] == 0.0 and r["settings"]["lr"] == 1e-3
+    assert r["point"] == "lmoe-aux0" and r["settings"]["aux_loss_coef"] == 0.0 and r["settings"]["lr"] == 3e-3
     assert set(r["val_loss"]) == TASKS and r["val_per_task"] == 3
     assert r["val_loss_mean"] == pytest.approx(sum(r["val_loss"].values()) / 5)
 
@@ -118,17 +118,25 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "| lmoe-lr3e-4 | lmoe | 0.0003 | 0.01 | 8 × 8 | 1.5000 | 2.5000 | 2.0000 | 1.0 |" in table
     runs = tmp_path / "runs"
     runs.mkdir()
-    metrics = {"boolq": {"test_loss": 0.5, "accuracy": 0.75, "perplexity": 1.6, "examples": 2}}
-    (runs / "lora-seed0.json").write_text(json.dumps({
-        "method": "lora", "seed": 0, "profile": "cpu", "trainable_params": 10, "train_tokens": 5,
-        "metrics": metrics, "total_wall_s": 60.0, "settings": {}}))
+    settings = {"lr": 3e-4, "lr_by_method": {"lora": 1e-3, "lmoe": 3e-3}}
+    for method, seed, loss, acc, rows in (("lora", 0, 0.5, 0.75, [0.5, 0.5]), ("lmoe", 0, 0.375, 0.75, [0.25, 0.5]),
+                                          ("lora", 1, 0.5, 0.75, [0.5, 0.5]), ("lmoe", 1, 0.5, 0.75, [0.5, 0.5])):
+        metrics = {"boolq": {"test_loss": loss, "accuracy": acc, "perplexity": 1.6, "examples": 2,
+                             "per_example": {"loss": rows, "accuracy": [1, 0]}}}
+        (runs / f"{method}-seed{seed}.json").write_text(json.dumps({
+            "method": method, "seed": seed, "profile": "cpu", "trainable_params": 10, "train_tokens": 5,
+            "metrics": metrics, "total_wall_s": 60.0, "settings": settings}))
     doc = tmp_path / "results.md"
     doc.write_text("intro\n<!-- report:start -->\nold\n<!-- report:end -->\nmid\n<!-- sweep:start -->\nold"
                    "\n<!-- sweep:end -->\nend\n")
     assert mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--update", str(doc)]) == 0
     text = doc.read_text()
     assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
-    assert "| lora | 0.750 |" in text and "| lora | 0.500 |" in text  # main-score table, test-loss table
+    assert "| lora | 0.750 ± 0.000 |" in text and "| lmoe | 0.438 ± 0.088 |" in text  # main score, test loss
+    assert "| lora | 2 | 0.001 | 10 | 5 | 1.0 |" in text and "| lmoe | 2 | 0.003 | 10 | 5 | 1.0 |" in text
+    # lmoe - lora per example: seed 0 [-0.25, 0], seed 1 [0, 0]; averaged over seeds [-0.125, 0]
+    assert ("| lmoe | boolq | loss | -0.0625 | [-0.1250, +0.0000] | -0.125 +0.000 | no significant difference |"
+            in text)
     assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
     tuned = tmp_path / "tuned.md"
     tuned.write_text("<!-- report:start -->\nkeep\n<!-- report:end -->\n<!-- report-tuned:start -->\nold\n"
