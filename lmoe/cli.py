@@ -269,38 +269,19 @@ def _finished_step(out: Path) -> int | None:
         return None
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _complete(ckpt: Path) -> bool:
-    """Trainer writes trainer_state.json last, after the adapter, optimizer, scheduler and RNG state."""
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all((ckpt / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
-
-
-def _latest_checkpoint(out: Path) -> str | None:
-    """The newest complete ``checkpoint-K``; incomplete ones (a run killed while saving) are skipped."""
-    for ckpt in reversed(_checkpoints(out)):
-        if _complete(ckpt):
-            return str(ckpt)
-        print(f"lmoe: skipping incomplete checkpoint {ckpt} (interrupted while saving)", file=sys.stderr)
-    return None
-
-
 def _clear_run(out: Path) -> None:
     """Remove a previous run's outputs (only the files ``lmoe train`` writes), for --overwrite-output-dir."""
-    for ckpt in _checkpoints(out):
+    from .train import checkpoints
+
+    for ckpt in checkpoints(out):
         shutil.rmtree(ckpt)
     for name in _RUN_FILES:
         (out / name).unlink(missing_ok=True)
 
 
 def cmd_train(args) -> int:
+    from .train import checkpoints, latest_checkpoint
+
     demo = args.model is None and args.data is None
     for k, v in (DEMO if demo else TRAIN_DEFAULTS).items():  # the demo is short enough for a 2-core CPU
         if getattr(args, k) is None:
@@ -325,14 +306,14 @@ def cmd_train(args) -> int:
                 print(f"lmoe: '{out}' already holds a run finished at step {done} (--max-steps {args.max_steps}); "
                       f"nothing to resume", file=sys.stderr)
             return 0
-        resume_from = _latest_checkpoint(out)
+        resume_from = latest_checkpoint(out)
         if resume_from is None:
             raise UsageError(f"--resume: no complete checkpoint-* folder in '{out}'")
     elif not args.overwrite_output_dir:
         if _finished_run(out):
             raise UsageError(f"'{out}' already holds a finished run; pass --resume to continue it or "
                              f"--overwrite-output-dir to replace it")
-        if _checkpoints(out):
+        if checkpoints(out):
             raise UsageError(f"'{out}' holds checkpoints of an unfinished run; pass --resume to continue it or "
                              f"--overwrite-output-dir to replace it")
     try:

@@ -2,7 +2,11 @@
 
 Every method gets the same data, steps, batch, sequence length, schedule and seeds; only the adapter
 differs. One run = one (method, seed) = one JSON file in ``results/multitask/``; finished runs are
-skipped, so the experiment resumes where it stopped (a run interrupted midway starts over).
+skipped, so the experiment resumes where it stopped. Within a run, training saves a checkpoint every
+``CHECKPOINT_EVERY`` steps in ``<work-dir>/<method>-seed<k>/`` and a killed run continues from the last one
+(Trainer restores the optimizer, scheduler, data order and RNG state); a run whose training finished keeps
+its adapter and goes straight to evaluation, whose loss pass is kept too (``eval-loss.json``). The work
+folder records the run's settings (``run.json``); resuming under other settings is refused.
 
 Methods (N = 8 experts of rank r = 8 on all 7 projections):
 
@@ -98,13 +102,13 @@ def run_sweep_point(name: str, out_dir: Path, work_dir: Path, seed: int = 0, pro
     profile = Profile(**{**SWEEP_PROFILE, **overrides})
     t0 = time.time()
     train, val = split_validation(load_examples([BUNDLED_DATA], split="train"), SWEEP_VAL_PER_TASK, seed=seed)
-    model, tok, trainable, train_tokens = train_method(method, seed, profile, train, work_dir / f"sweep-{name}",
-                                                       progress)
-    res = evaluate(model, tok, val, seq_len=profile.seq_len, batch_size=profile.batch_size, progress=progress,
-                   generate_tasks=False)
+    tr = train_method(method, seed, profile, train, work_dir / f"sweep-{name}", progress)
+    res = evaluate(tr.model, tr.tokenizer, val, seq_len=profile.seq_len, batch_size=profile.batch_size,
+                   progress=progress, generate_tasks=False)
     val_loss = {t: m["test_loss"] for t, m in res["tasks"].items()}
     result = {"point": name, "method": method, "seed": seed, "settings": asdict(profile),
-              "trainable_params": trainable, "train_tokens": train_tokens, "val_per_task": SWEEP_VAL_PER_TASK,
+              "trainable_params": tr.trainable_params, "train_tokens": tr.train_tokens,
+              "val_per_task": SWEEP_VAL_PER_TASK,
               "val_loss": val_loss, "val_loss_mean": sum(val_loss.values()) / len(val_loss),
               "wall_s": round(time.time() - t0, 1)}
     _write_json(out_dir / f"{name}.json", result)
@@ -144,52 +148,120 @@ def matched_lora_rank(model, n: int, r: int) -> int:
     return max(1, round(lmoe / per_rank))
 
 
-def train_method(method: str, seed: int, profile: Profile, examples: list[dict], run_dir: Path,
-                 progress: bool = True):
-    """Load SmolLM2, wrap it for ``method`` and train it on ``examples`` with ``profile``'s settings.
+CHECKPOINT_EVERY = 20  # training steps between the checkpoints a killed run resumes from
 
-    Returns (model, tokenizer, trainable params, train tokens); ``base`` is returned untrained."""
+
+@dataclass
+class Trained:
+    """What ``train_method`` returns: the trained model and the facts the result JSON records."""
+    model: object
+    tokenizer: object
+    trainable_params: int = 0
+    train_tokens: int = 0
+    train_s: float = 0.0  # training wall time, summed over the pieces of a resumed run
+    resumed_from_step: int | None = None  # the checkpoint step a killed run continued from
+
+
+def _claim_run_dir(run_dir: Path, method: str, seed: int, profile: Profile) -> None:
+    """Record the run's settings in ``run.json``; refuse a folder that holds a run under other settings."""
+    want = {"method": method, "seed": seed, "settings": asdict(profile)}
+    path = run_dir / "run.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have.get("settings", {})) | set(want["settings"])
+                          if have.get("settings", {}).get(k) != want["settings"].get(k))
+            raise RuntimeError(f"{run_dir} holds a run with other settings ({', '.join(diff) or 'method/seed'} "
+                               f"differ); remove the folder or pass another --work-dir")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, want)
+
+
+def _load_trained(method: str, model, adapter: Path):
+    if method.startswith("lmoe"):
+        from .model import LMoEModel
+
+        return LMoEModel.from_pretrained(model, adapter)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter))
+
+
+def train_method(method: str, seed: int, profile: Profile, examples: list[dict], run_dir: Path,
+                 progress: bool = True) -> Trained:
+    """Load the model, wrap it for ``method`` and train it on ``examples`` with ``profile``'s settings.
+
+    Resumable in ``run_dir`` (see the module docstring); ``base`` is returned untrained."""
+    import shutil
+
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainerCallback, TrainingArguments, set_seed
 
     from .dataset import DataCollator, build_dataset
     from .models import load_model
-    from .train import CSVLogger, LMoETrainer
+    from .train import CSVLogger, LMoETrainer, checkpoints, latest_checkpoint
 
     set_seed(seed)
     model, tok = load_model(profile.model)
-    model = build_method(method, model, profile)
     if method == "base":
-        return model, tok, 0, 0
+        return Trained(model, tok)
+    _claim_run_dir(run_dir, method, seed, profile)
+    done, adapter = run_dir / "trained.json", run_dir / "adapter"
+    if done.exists():  # trained by an earlier process: evaluate its adapter
+        model = _load_trained(method, model, adapter)
+        return Trained(model, tok, **json.loads(done.read_text()))
+    model = build_method(method, model, profile)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_ds, _ = build_dataset(tok, examples, profile.seq_len, seed=seed)
     targs = TrainingArguments(
         output_dir=str(run_dir), max_steps=profile.max_steps, per_device_train_batch_size=profile.batch_size,
         learning_rate=profile.lr_for(method), lr_scheduler_type="cosine", warmup_steps=profile.warmup_ratio, seed=seed,
-        data_seed=seed, logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
+        data_seed=seed, logging_steps=10, save_strategy="steps", save_steps=CHECKPOINT_EVERY, save_total_limit=1,
+        report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds,
-                          data_collator=DataCollator(tok.pad_token_id), callbacks=[CSVLogger(run_dir / "log.csv")])
-    trainer.train()
-    model.save_pretrained(str(run_dir / "adapter"))  # for `lmoe inspect` (not committed: ~80 MB)
-    return model, tok, trainable, int(trainer.state.num_input_tokens_seen)
+    resume = latest_checkpoint(run_dir)
+    before = json.loads((Path(resume) / "elapsed.json").read_text())["train_s"] if resume else 0.0
+    t0 = time.time()
+
+    class Elapsed(TrainerCallback):  # each checkpoint records the training time spent up to it
+        def on_save(self, args, state, control, **kwargs):
+            _write_json(run_dir / f"checkpoint-{state.global_step}" / "elapsed.json",
+                        {"train_s": round(before + time.time() - t0, 1)})
+
+    trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds, data_collator=DataCollator(tok.pad_token_id),
+                          callbacks=[CSVLogger(run_dir / "log.csv"), Elapsed()])
+    if resume:
+        print(f"resuming {run_dir.name} from {Path(resume).name}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    model.save_pretrained(str(adapter))  # for evaluation after a restart and `lmoe inspect` (not committed)
+    result = Trained(model, tok, trainable, int(trainer.state.num_input_tokens_seen), round(before + time.time() - t0, 1),
+                     int(Path(resume).name.split("-")[-1]) if resume else None)
+    _write_json(done, {k: getattr(result, k) for k in ("trainable_params", "train_tokens", "train_s",
+                                                        "resumed_from_step")})
+    for ckpt in checkpoints(run_dir):  # optimizer state (~3x the adapter): no longer needed
+        shutil.rmtree(ckpt)
+    return result
 
 
 def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: Path, progress: bool = True) -> dict:
     from .dataset import BUNDLED_DATA, load_examples
 
     t0 = time.time()
+    run_dir = work_dir / profile.name / f"{method}-seed{seed}"
     examples = load_examples([BUNDLED_DATA], split="train")
-    model, tok, trainable, train_tokens = train_method(method, seed, profile, examples,
-                                                       work_dir / f"{method}-seed{seed}", progress)
-    train_s = time.time() - t0
-    metrics, routing = evaluate_suite(model, tok, profile, progress=progress)
-    result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": trainable,
-              "train_tokens": train_tokens, "metrics": metrics,
-              "train_wall_s": round(train_s, 1), "total_wall_s": round(time.time() - t0, 1),
+    tr = train_method(method, seed, profile, examples, run_dir, progress)
+    train_s = tr.train_s if method != "base" else time.time() - t0
+    t1 = time.time()
+    metrics, routing, eval_s = evaluate_suite(tr.model, tr.tokenizer, profile, progress=progress,
+                                              cache_dir=None if method == "base" else run_dir)
+    result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": tr.trainable_params,
+              "train_tokens": tr.train_tokens, "metrics": metrics,
+              "train_wall_s": round(train_s, 1), "total_wall_s": round(train_s + eval_s + time.time() - t1, 1),
               "settings": asdict(profile)}
+    if tr.resumed_from_step is not None:
+        result["resumed_from_step"] = tr.resumed_from_step
     if routing is not None:
         result["routing_mean_entropy"] = routing
     _write_json(out_dir / f"{method}-seed{seed}.json", result)
@@ -203,8 +275,9 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_suite(model, tok, profile: Profile, progress: bool = True):
-    """Per-task test metrics in the experiment's JSON shape, and the mean routing entropy (lmoe only)."""
+def evaluate_suite(model, tok, profile: Profile, progress: bool = True, cache_dir: Path | None = None):
+    """Per-task test metrics in the experiment's JSON shape, the mean routing entropy (lmoe only) and the
+    seconds a cached loss pass took when it ran (``cache_dir/eval-loss.json``: kept, and reused if there)."""
     from .dataset import BUNDLED_DATA, load_examples
     from .evaluate import evaluate
 
@@ -214,8 +287,17 @@ def evaluate_suite(model, tok, profile: Profile, progress: bool = True):
         by_task.setdefault(ex["task"], []).append(ex)
     cut = lambda rows, k: rows[:k] if k else rows  # noqa: E731
     loss_rows = [ex for rows in by_task.values() for ex in cut(rows, profile.eval_limit)]
-    res = evaluate(model, tok, loss_rows, seq_len=profile.seq_len, batch_size=profile.batch_size,
-                   progress=progress, generate_tasks=False, per_example=True)
+    cached = cache_dir / "eval-loss.json" if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        res = json.loads(cached.read_text())
+        earlier_s = res.pop("wall_s")
+    else:
+        t0 = time.time()
+        res = evaluate(model, tok, loss_rows, seq_len=profile.seq_len, batch_size=profile.batch_size,
+                       progress=progress, generate_tasks=False, per_example=True)
+        earlier_s = 0.0
+        if cached is not None:
+            _write_json(cached, {**res, "wall_s": round(time.time() - t0, 1)})
     gen_rows = [ex for t in ("gsm8k", "mbpp") for ex in cut(by_task.get(t, []), profile.gen_limit)]
     gen = evaluate(model, tok, gen_rows, seq_len=profile.seq_len, batch_size=profile.batch_size,
                    progress=progress, generate_tasks=True, max_new_tokens=profile.max_new_tokens,
@@ -237,7 +319,7 @@ def evaluate_suite(model, tok, profile: Profile, progress: bool = True):
         entry["per_example"] = per  # row-ordered lists for the paired bootstrap
         metrics[task] = entry
     routing = res.get("routing", {}).get("mean_entropy")
-    return metrics, routing
+    return metrics, routing, earlier_s
 
 
 def main(argv=None) -> int:

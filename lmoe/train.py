@@ -28,8 +28,10 @@ checkpoints, DDP through Accelerate/torchrun) are Trainer's; what is ours is sma
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -208,6 +210,10 @@ class LMoETrainer(Trainer):
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from .model import LMoEModel
+
+        if not isinstance(self.accelerator.unwrap_model(self.model), LMoEModel):  # e.g. a PEFT baseline
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # Trainer passes the wrapped model under FSDP (after prepare), nothing otherwise (before prepare).
         load_adapter_distributed(model if model is not None else self.model, resume_from_checkpoint)
 
@@ -248,3 +254,31 @@ class CSVLogger(TrainerCallback):
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints of a run folder (``lmoe train --resume`` and the experiment runner)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The ``checkpoint-K`` folders of ``out``, oldest first."""
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _complete(ckpt: Path) -> bool:
+    """Trainer writes trainer_state.json last, after the adapter, optimizer, scheduler and RNG state."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((ckpt / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    """The newest complete ``checkpoint-K``; incomplete ones (a run killed while saving) are skipped."""
+    for ckpt in reversed(checkpoints(out)):
+        if _complete(ckpt):
+            return str(ckpt)
+        print(f"lmoe: skipping incomplete checkpoint {ckpt} (interrupted while saving)", file=sys.stderr)
+    return None

@@ -62,7 +62,9 @@ def test_run_writes_the_issue_schema_and_resumes(tiny_dir, tmp_path, monkeypatch
     assert (r["method"], r["seed"], r["profile"]) == ("lmoe", 0, "cpu")
     assert r["trainable_params"] == 2 * 69632 and r["train_tokens"] > 0
     assert set(r["metrics"]) == TASKS
-    assert (work / "lmoe-seed0" / "adapter" / "adapter_model.safetensors").is_file()  # kept for `lmoe inspect`
+    run_dir = work / "cpu" / "lmoe-seed0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # kept for `lmoe inspect`
+    assert not list(run_dir.glob("checkpoint-*")) and "resumed_from_step" not in r
     score = {"arc_easy": "accuracy", "boolq": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1"}
     for task, m in r["metrics"].items():
         assert m["test_loss"] > 0 and m["perplexity"] > 1 and m["examples"] == 2
@@ -74,6 +76,86 @@ def test_run_writes_the_issue_schema_and_resumes(tiny_dir, tmp_path, monkeypatch
     assert experiment.main(argv) == 0
     assert f"skip {out / 'lmoe-seed0.json'} (done)" in capsys.readouterr().out
     assert (out / "lmoe-seed0.json").stat().st_mtime_ns == before
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lmoe", "lora"])
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_result(method, tiny_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    small = replace(PROFILES["cpu"], seq_len=48, batch_size=2, max_steps=4, eval_limit=2, gen_limit=1,
+                    max_new_tokens=4, model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu", small)
+    monkeypatch.setattr(experiment, "CHECKPOINT_EVERY", 2)
+    argv = ["--methods", method, "--seeds", "0", "--work-dir"]
+    assert experiment.main(argv + [str(tmp_path / "w1"), "--out", str(tmp_path / "r1")]) == 0  # uninterrupted
+    from lmoe.train import LMoETrainer
+
+    real_step = LMoETrainer.training_step
+
+    def dies_at_step_3(self, *a, **kw):
+        if self.state.global_step == 2 and (tmp_path / "w2" / "cpu" / f"{method}-seed0" / "checkpoint-2").is_dir():
+            raise Killed
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(LMoETrainer, "training_step", dies_at_step_3)
+    with pytest.raises(Killed):
+        experiment.main(argv + [str(tmp_path / "w2"), "--out", str(tmp_path / "r2")])
+    monkeypatch.setattr(LMoETrainer, "training_step", real_step)
+    capsys.readouterr()
+    assert experiment.main(argv + [str(tmp_path / "w2"), "--out", str(tmp_path / "r2")]) == 0
+    assert f"resuming {method}-seed0 from checkpoint-2" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / r / f"{method}-seed0.json").read_text()) for r in ("r1", "r2"))
+    assert b["resumed_from_step"] == 2 and a["train_tokens"] == b["train_tokens"]
+    for task in TASKS:
+        assert b["metrics"][task]["test_loss"] == pytest.approx(a["metrics"][task]["test_loss"], rel=1e-5)
+    assert not list((tmp_path / "w2" / "cpu" / f"{method}-seed0").glob("checkpoint-*"))
+
+
+def test_a_run_killed_in_evaluation_keeps_its_training_and_loss_pass(tiny_dir, tmp_path, monkeypatch):
+    small = replace(PROFILES["cpu"], seq_len=48, batch_size=2, max_steps=2, eval_limit=2, gen_limit=1,
+                    max_new_tokens=4, model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu", small)
+    argv = ["--methods", "lmoe", "--seeds", "0", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    import lmoe.evaluate
+
+    real_evaluate, calls = lmoe.evaluate.evaluate, []
+
+    def dies_in_generation(*a, **kw):
+        calls.append(kw["generate_tasks"])
+        if kw["generate_tasks"]:
+            raise Killed
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(lmoe.evaluate, "evaluate", dies_in_generation)
+    with pytest.raises(Killed):
+        experiment.main(argv)
+    run_dir = tmp_path / "w" / "cpu" / "lmoe-seed0"
+    trained = json.loads((run_dir / "trained.json").read_text())
+    assert trained["trainable_params"] == 2 * 69632 and (run_dir / "eval-loss.json").is_file()
+    monkeypatch.setattr(lmoe.evaluate, "evaluate", real_evaluate)
+    saved = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert experiment.main(argv) == 0
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == saved  # not trained again
+    r = json.loads((tmp_path / "r" / "lmoe-seed0.json").read_text())
+    cached = json.loads((run_dir / "eval-loss.json").read_text())
+    assert r["metrics"]["boolq"]["test_loss"] == cached["tasks"]["boolq"]["test_loss"]
+    assert r["trainable_params"] == trained["trainable_params"] and "exact_match" in r["metrics"]["gsm8k"]
+
+
+def test_a_work_folder_of_other_settings_is_refused(tiny_dir, tmp_path, monkeypatch):
+    small = replace(PROFILES["cpu"], seq_len=48, batch_size=2, max_steps=1, eval_limit=1, gen_limit=1,
+                    max_new_tokens=2, model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu", small)
+    argv = ["--methods", "lmoe", "--seeds", "0", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    assert experiment.main(argv) == 0
+    (tmp_path / "r" / "lmoe-seed0.json").unlink()
+    monkeypatch.setitem(PROFILES, "cpu", replace(small, lr=1e-2))
+    with pytest.raises(RuntimeError, match=r"w/cpu/lmoe-seed0 holds a run with other settings \(lr differ\); "
+                                           r"remove the folder or pass another --work-dir"):
+        experiment.main(argv)
 
 
 def test_sweep_point_uses_validation_split(tiny_dir, tmp_path, monkeypatch):
