@@ -76,11 +76,11 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
     out = []
     any_run = next(iter(next(iter(runs.values())).values()))
     s = any_run.get("settings", {})
+    lrs = s.get("lr_by_method") or {}
+    lr = ", ".join(f"{m} {v:g}" for m, v in lrs.items()) if lrs else f"{s.get('lr')}"
     out.append(f"Profile `{any_run['profile']}`: {s.get('max_steps')} steps × batch {s.get('batch_size')}, "
-               f"sequence length {s.get('seq_len')}, lr {s.get('lr')} (cosine), N={s.get('num_experts')}, "
-               f"r={s.get('rank')}"
-               + (f", per-method lr {s['lr_by_method']}" if s.get("lr_by_method") else "")
-               + f"; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
+               f"sequence length {s.get('seq_len')}, lr {lr} (cosine), N={s.get('num_experts')}, "
+               f"r={s.get('rank')}; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
                f"accuracy, first {s.get('gen_limit') or 'all'} for gsm8k / mbpp generation.\n")
     head = ["method", "seeds", "lr", "trainable params", "train tokens", "wall min"]
     out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
