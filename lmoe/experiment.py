@@ -222,7 +222,8 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress)
     resume = latest_checkpoint(run_dir)
-    before = json.loads((Path(resume) / "elapsed.json").read_text())["train_s"] if resume else 0.0
+    elapsed = Path(resume or run_dir) / "elapsed.json"  # absent if killed between the checkpoint and this file
+    before = json.loads(elapsed.read_text())["train_s"] if resume and elapsed.exists() else 0.0
     t0 = time.time()
 
     class Elapsed(TrainerCallback):  # each checkpoint records the training time spent up to it
