@@ -88,6 +88,7 @@ SWEEP = {
     # and N / r at a fixed parameter budget (N·r = 64; the gates grow with N).
     "lmoe-aux0": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 0.0}),
     "lmoe-aux1e-3": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 1e-3}),
+    "lmoe-aux1e-1": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 1e-1}),  # added: the tuned run's last layers collapse
     "lmoe-N4r16": ("lmoe", {"lr": 3e-3, "num_experts": 4, "rank": 16}),
     "lmoe-N16r4": ("lmoe", {"lr": 3e-3, "num_experts": 16, "rank": 4}),
 }
