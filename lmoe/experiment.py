@@ -161,6 +161,7 @@ class Trained:
     train_tokens: int = 0
     train_s: float = 0.0  # training wall time, summed over the pieces of a resumed run
     resumed_from_step: int | None = None  # the checkpoint step a killed run continued from
+    collapsed: dict | None = None  # L-MoE: layers whose load entropy was below 0.5 at the last logging step
 
 
 def _claim_run_dir(run_dir: Path, method: str, seed: int, profile: Profile) -> None:
@@ -200,6 +201,7 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
     from transformers import TrainerCallback, TrainingArguments, set_seed
 
     from .dataset import DataCollator, build_dataset
+    from .inspect import CollapseDetector
     from .models import load_model
     from .train import CSVLogger, LMoETrainer, checkpoints, latest_checkpoint
 
@@ -232,16 +234,18 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
             _write_json(run_dir / f"checkpoint-{state.global_step}" / "elapsed.json",
                         {"train_s": round(before + time.time() - t0, 1)})
 
+    collapse = CollapseDetector(threshold=0.5)  # logs a warning; the last check goes in the result
     trainer = LMoETrainer(model=model, args=targs, train_dataset=train_ds, data_collator=DataCollator(tok.pad_token_id),
-                          callbacks=[CSVLogger(run_dir / "log.csv"), Elapsed()])
+                          callbacks=[CSVLogger(run_dir / "log.csv"), Elapsed(), collapse])
     if resume:
         print(f"resuming {run_dir.name} from {Path(resume).name}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     model.save_pretrained(str(adapter))  # for evaluation after a restart and `lmoe inspect` (not committed)
     result = Trained(model, tok, trainable, int(trainer.state.num_input_tokens_seen), round(before + time.time() - t0, 1),
-                     int(Path(resume).name.split("-")[-1]) if resume else None)
+                     int(Path(resume).name.split("-")[-1]) if resume else None,
+                     {k: round(v, 4) for k, v in collapse.collapsed.items()} if method.startswith("lmoe") else None)
     _write_json(done, {k: getattr(result, k) for k in ("trainable_params", "train_tokens", "train_s",
-                                                        "resumed_from_step")})
+                                                        "resumed_from_step", "collapsed")})
     for ckpt in checkpoints(run_dir):  # optimizer state (~3x the adapter): no longer needed
         shutil.rmtree(ckpt)
     return result
@@ -264,6 +268,8 @@ def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: P
               "settings": asdict(profile)}
     if tr.resumed_from_step is not None:
         result["resumed_from_step"] = tr.resumed_from_step
+    if tr.collapsed is not None:
+        result["collapsed_layers"] = tr.collapsed  # {layer: load entropy} below 0.5 at the last logging step
     if routing is not None:
         result["routing_mean_entropy"] = routing
     _write_json(out_dir / f"{method}-seed{seed}.json", result)

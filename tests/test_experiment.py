@@ -65,6 +65,7 @@ def test_run_writes_the_issue_schema_and_resumes(tiny_dir, tmp_path, monkeypatch
     run_dir = work / "cpu" / "lmoe-seed0"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # kept for `lmoe inspect`
     assert not list(run_dir.glob("checkpoint-*")) and "resumed_from_step" not in r
+    assert r["collapsed_layers"] == {}  # no logging step in 2 steps, so nothing checked
     score = {"arc_easy": "accuracy", "boolq": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1"}
     for task, m in r["metrics"].items():
         assert m["test_loss"] > 0 and m["perplexity"] > 1 and m["examples"] == 2
@@ -143,6 +144,21 @@ def test_a_run_killed_in_evaluation_keeps_its_training_and_loss_pass(tiny_dir, t
     cached = json.loads((run_dir / "eval-loss.json").read_text())
     assert r["metrics"]["boolq"]["test_loss"] == cached["tasks"]["boolq"]["test_loss"]
     assert r["trainable_params"] == trained["trainable_params"] and "exact_match" in r["metrics"]["gsm8k"]
+
+
+def test_the_collapse_check_of_the_last_logging_step_goes_in_the_result(tiny_dir, tmp_path, monkeypatch):
+    small = replace(PROFILES["cpu"], seq_len=48, batch_size=2, max_steps=10, eval_limit=1, gen_limit=1,
+                    max_new_tokens=2, model=tiny_dir)
+    monkeypatch.setitem(PROFILES, "cpu", small)
+    import lmoe.inspect
+
+    real = lmoe.inspect.CollapseDetector
+    monkeypatch.setattr(lmoe.inspect, "CollapseDetector", lambda threshold: real(threshold=1.0))  # flags every layer
+    argv = ["--seeds", "0", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--methods"]
+    assert experiment.main(argv + ["lmoe", "lora"]) == 0
+    r = json.loads((tmp_path / "r" / "lmoe-seed0.json").read_text())
+    assert len(r["collapsed_layers"]) == 14 and all(0 <= e < 1 for e in r["collapsed_layers"].values())
+    assert "collapsed_layers" not in json.loads((tmp_path / "r" / "lora-seed0.json").read_text())
 
 
 def test_a_work_folder_of_other_settings_is_refused(tiny_dir, tmp_path, monkeypatch):
