@@ -339,7 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", default=None, help="default results/multitask (cpu), results/multitask-<profile>, "
                                                  "results/sweep (--sweep)")
-    p.add_argument("--work-dir", default="runs/multitask", help="training logs (not committed)")
+    p.add_argument("--work-dir", default="runs/multitask",
+                   help="per run: checkpoints, adapter, logs in <work-dir>/<profile>/<method>-seed<k> (not committed)")
     p.add_argument("--max-steps", type=int, default=None, help="override the profile (smoke tests)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--gen-limit", type=int, default=None)
