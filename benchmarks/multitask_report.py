@@ -90,6 +90,16 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
         lr = "–" if m == "base" else f"{st.get('lr_by_method', {}).get(m, st.get('lr', float('nan'))):g}"
         out.append(f"| {m} | {len(rs)} | {lr} | {rs[0]['trainable_params']:,} | {rs[0]['train_tokens']:,} | "
                    f"{statistics.mean(r['total_wall_s'] for r in rs) / 60:.1f} |")
+    collapse = [(m, k, r["collapsed_layers"]) for m in methods for k, r in sorted(runs[m].items())
+                if "collapsed_layers" in r]
+    if collapse:
+        parts = []
+        for m, k, layers in collapse:
+            worst = sorted(layers.items(), key=lambda kv: kv[1])[:3]
+            parts.append(f"{m} seed {k}: {len(layers)}" + (" (lowest: " + ", ".join(
+                f"{name.removeprefix('model.layers.')} {e:.2f}" for name, e in worst) + ")" if worst else ""))
+        out.append("\nRouting collapse at the last logging step (adapted layers whose load entropy is below 0.5, "
+                   "the collapse detector's threshold): " + "; ".join(parts) + ".")
     out.append("")
     out.append("Main score per task (mean ± std over seeds; accuracy / exact match / pass@1, higher is better; "
                "tinyshakespeare: test loss, lower is better):\n")

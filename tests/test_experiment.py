@@ -223,7 +223,8 @@ def test_reports_rewrite_marked_blocks(tmp_path):
                              "per_example": {"loss": rows, "accuracy": [1, 0]}}}
         (runs / f"{method}-seed{seed}.json").write_text(json.dumps({
             "method": method, "seed": seed, "profile": "cpu", "trainable_params": 10, "train_tokens": 5,
-            "metrics": metrics, "total_wall_s": 60.0, "settings": settings}))
+            "metrics": metrics, "total_wall_s": 60.0, "settings": settings,
+            **({"collapsed_layers": {"model.layers.1.mlp.down_proj": 0.25}} if method == "lmoe" and seed else {})}))
     doc = tmp_path / "results.md"
     doc.write_text("intro\n<!-- report:start -->\nold\n<!-- report:end -->\nmid\n<!-- sweep:start -->\nold"
                    "\n<!-- sweep:end -->\nend\n")
@@ -232,6 +233,7 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
     assert "| lora | 0.750 ± 0.000 |" in text and "| lmoe | 0.438 ± 0.088 |" in text  # main score, test loss
     assert "| lora | 2 | 0.001 | 10 | 5 | 1.0 |" in text and "| lmoe | 2 | 0.003 | 10 | 5 | 1.0 |" in text
+    assert ("the collapse detector's threshold): lmoe seed 1: 1 (lowest: 1.mlp.down_proj 0.25).\n" in text)
     # lmoe - lora per example: seed 0 [-0.25, 0], seed 1 [0, 0]; averaged over seeds [-0.125, 0]
     assert ("| lmoe | boolq | loss | -0.0625 | [-0.1250, +0.0000] | -0.125 +0.000 | no significant difference |"
             in text)
