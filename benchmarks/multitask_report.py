@@ -149,8 +149,8 @@ def sweep_report(d: Path) -> str:
            f"cosine schedule, seed {points[0]['seed']}; validation: {points[0]['val_per_task']} rows per task "
            f"held out of train (`split_validation`), answer-token loss. Lower is better; **bold** = best of its "
            f"method.\n",
-           "| point | method | lr | aux | N × r | " + " | ".join(tasks) + " | mean | wall min |",
-           "|---|---|---:|---:|---|" + "---:|" * (len(tasks) + 2)]
+           "| point | method | lr | aux | N × r | " + " | ".join(tasks) + " | mean | collapsed | wall min |",
+           "|---|---|---:|---:|---|" + "---:|" * (len(tasks) + 3)]
     best = {}
     for pt in points:
         m = pt["method"]
@@ -164,7 +164,11 @@ def sweep_report(d: Path) -> str:
         nr = f"{st['num_experts']} × {st['rank']}" if pt["method"].startswith("lmoe") else "–"
         aux = f"{st['aux_loss_coef']:g}" if pt["method"].startswith("lmoe") else "–"
         out.append(f"| {pt['point']} | {pt['method']} | {st['lr']:g} | {aux} | {nr} | "
-                   + " | ".join(f"{pt['val_loss'][t]:.4f}" for t in tasks) + f" | {mean} | {pt['wall_s'] / 60:.1f} |")
+                   + " | ".join(f"{pt['val_loss'][t]:.4f}" for t in tasks)
+                   + f" | {mean} | {len(pt['collapsed_layers']) if 'collapsed_layers' in pt else '–'} | "
+                   f"{pt['wall_s'] / 60:.1f} |")
+    out.append("\n(collapsed: adapted layers whose load entropy was below 0.5 at the last logging step, of "
+               "7 × 30 = 210 for SmolLM2; – = not recorded.)")
     return "\n".join(out) + "\n"
 
 

@@ -112,6 +112,8 @@ def run_sweep_point(name: str, out_dir: Path, work_dir: Path, seed: int = 0, pro
               "val_per_task": SWEEP_VAL_PER_TASK,
               "val_loss": val_loss, "val_loss_mean": sum(val_loss.values()) / len(val_loss),
               "wall_s": round(time.time() - t0, 1)}
+    if tr.collapsed is not None:
+        result["collapsed_layers"] = tr.collapsed
     _write_json(out_dir / f"{name}.json", result)
     return result
 

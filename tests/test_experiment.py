@@ -182,7 +182,7 @@ def test_sweep_point_uses_validation_split(tiny_dir, tmp_path, monkeypatch):
     assert experiment.main(["--sweep", "lmoe-aux0", "--out", str(out), "--work-dir", str(tmp_path / "w")]) == 0
     r = json.loads((out / "lmoe-aux0.json").read_text())
     assert r["point"] == "lmoe-aux0" and r["settings"]["aux_loss_coef"] == 0.0 and r["settings"]["lr"] == 3e-3
-    assert set(r["val_loss"]) == TASKS and r["val_per_task"] == 3
+    assert set(r["val_loss"]) == TASKS and r["val_per_task"] == 3 and r["collapsed_layers"] == {}
     assert r["val_loss_mean"] == pytest.approx(sum(r["val_loss"].values()) / 5)
 
 
@@ -210,10 +210,11 @@ def test_reports_rewrite_marked_blocks(tmp_path):
         settings = {**experiment.SWEEP_PROFILE, "lr": lr, "num_experts": 8, "rank": 8, "aux_loss_coef": 0.01}
         (sweep / f"{name}.json").write_text(json.dumps({
             "point": name, "method": "lmoe", "seed": 0, "settings": settings, "val_per_task": 40,
-            "val_loss": {"a": losses[0], "b": losses[1]}, "val_loss_mean": sum(losses) / 2, "wall_s": 60.0}))
+            "val_loss": {"a": losses[0], "b": losses[1]}, "val_loss_mean": sum(losses) / 2, "wall_s": 60.0,
+            **({"collapsed_layers": {"x": 0.1, "y": 0.2}} if lr == 1e-3 else {})}))
     table = mr.sweep_report(sweep)
-    assert "| lmoe-lr1e-3 | lmoe | 0.001 | 0.01 | 8 × 8 | 1.0000 | 2.0000 | **1.5000** | 1.0 |" in table
-    assert "| lmoe-lr3e-4 | lmoe | 0.0003 | 0.01 | 8 × 8 | 1.5000 | 2.5000 | 2.0000 | 1.0 |" in table
+    assert "| lmoe-lr1e-3 | lmoe | 0.001 | 0.01 | 8 × 8 | 1.0000 | 2.0000 | **1.5000** | 2 | 1.0 |" in table
+    assert "| lmoe-lr3e-4 | lmoe | 0.0003 | 0.01 | 8 × 8 | 1.5000 | 2.5000 | 2.0000 | – | 1.0 |" in table
     runs = tmp_path / "runs"
     runs.mkdir()
     settings = {"lr": 3e-4, "lr_by_method": {"lora": 1e-3, "lmoe": 3e-3}}
