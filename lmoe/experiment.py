@@ -3,7 +3,7 @@
 Every method gets the same data, steps, batch, sequence length, schedule and seeds; only the adapter
 differs. One run = one (method, seed) = one JSON file in ``results/multitask/``; finished runs are
 skipped, so the experiment resumes where it stopped. Within a run, training saves a checkpoint every
-``CHECKPOINT_EVERY`` steps in ``<work-dir>/<method>-seed<k>/`` and a killed run continues from the last one
+``CHECKPOINT_EVERY`` steps in ``<work-dir>/<profile>/<method>-seed<k>/`` and a killed run continues from the last one
 (Trainer restores the optimizer, scheduler, data order and RNG state); a run whose training finished keeps
 its adapter and goes straight to evaluation, whose loss pass is kept too (``eval-loss.json``). The work
 folder records the run's settings (``run.json``); resuming under other settings is refused.
@@ -216,6 +216,7 @@ def train_method(method: str, seed: int, profile: Profile, examples: list[dict],
     if done.exists():  # trained by an earlier process: evaluate its adapter
         model = _load_trained(method, model, adapter)
         return Trained(model, tok, **json.loads(done.read_text()))
+    (run_dir / "eval-loss.json").unlink(missing_ok=True)  # a loss pass of an earlier adapter, if any
     model = build_method(method, model, profile)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_ds, _ = build_dataset(tok, examples, profile.seq_len, seed=seed)
@@ -262,11 +263,11 @@ def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: P
     tr = train_method(method, seed, profile, examples, run_dir, progress)
     train_s = tr.train_s if method != "base" else time.time() - t0
     t1 = time.time()
-    metrics, routing, eval_s = evaluate_suite(tr.model, tr.tokenizer, profile, progress=progress,
+    metrics, routing, cached_eval_s = evaluate_suite(tr.model, tr.tokenizer, profile, progress=progress,
                                               cache_dir=None if method == "base" else run_dir)
     result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": tr.trainable_params,
               "train_tokens": tr.train_tokens, "metrics": metrics,
-              "train_wall_s": round(train_s, 1), "total_wall_s": round(train_s + eval_s + time.time() - t1, 1),
+              "train_wall_s": round(train_s, 1), "total_wall_s": round(train_s + cached_eval_s + time.time() - t1, 1),
               "settings": asdict(profile)}
     if tr.resumed_from_step is not None:
         result["resumed_from_step"] = tr.resumed_from_step
