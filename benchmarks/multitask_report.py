@@ -8,8 +8,9 @@
 The tuning sweep (``python -m lmoe.experiment --sweep``, results/sweep/*.json) gets its own table:
 validation loss per task of every sweep point (a split carved from train, never test).
 
-Per task: mean ± std over seeds of each method's main score and test loss. For each L-MoE variant
-against ``lora``: a paired bootstrap 95% confidence interval of the difference, resampling test
+Per task: mean ± std over seeds of each method's main score and test loss. For each pair in
+``COMPARISONS`` (every L-MoE variant against ``lora``, ``lmoe`` against ``lora-r``, the variants
+against ``lmoe``): a paired bootstrap 95% confidence interval of the difference, resampling test
 examples (the same resampled examples for both methods and every seed; the difference is averaged
 over the seeds both methods have), and the mean difference of each seed on its own (do the seeds agree?).
 Needs the per-example arrays the runs store; runs without them get no interval.
@@ -24,6 +25,10 @@ import statistics
 from pathlib import Path
 
 ORDER = ["base", "lora", "lora-r", "lmoe", "lmoe-factor", "lmoe-top2"]
+# The pairs the bootstrap table compares, when both have runs: every L-MoE variant against the
+# parameter-matched LoRA, L-MoE against the rank-matched LoRA, and the two variants against plain L-MoE.
+COMPARISONS = [("lmoe", "lora"), ("lmoe-factor", "lora"), ("lmoe-top2", "lora"), ("lmoe", "lora-r"),
+               ("lmoe-factor", "lmoe"), ("lmoe-top2", "lmoe")]
 MAIN = {"boolq": "accuracy", "arc_easy": "accuracy", "gsm8k": "exact_match", "mbpp": "pass@1",
         "tinyshakespeare": "test_loss"}
 
@@ -116,26 +121,28 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
         cells = [mean_std([r["metrics"][t]["test_loss"] for r in runs[m].values() if t in r["metrics"]])
                  for t in tasks]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    if "lora" in runs:
-        out.append("\nPaired bootstrap, L-MoE variant − `lora` (95% interval over test examples; loss: "
-                   "negative = L-MoE better; scores: positive = L-MoE better):\n")
-        out.append("| variant | task | metric | difference | 95% interval | per seed | verdict |")
+    pairs = [(a, b) for a, b in COMPARISONS if a in runs and b in runs]
+    if pairs:
+        out.append("\nPaired bootstrap of `a − b` (95% interval over test examples; loss: negative = `a` better; "
+                   "scores: positive = `a` better):\n")
+        out.append("| a − b | task | metric | difference | 95% interval | per seed | verdict |")
         out.append("|---|---|---|---:|---|---|---|")
-        for m in (x for x in methods if x.startswith("lmoe")):
+        for a, b in pairs:
             for t in tasks:
                 for key in ("loss", MAIN.get(t)):
                     if key in (None, "test_loss"):
                         continue
-                    ci = paired_bootstrap(runs[m], runs["lora"], t, key)
+                    ci = paired_bootstrap(runs[a], runs[b], t, key)
                     if ci is None:
                         continue
                     est, lo, hi = ci
                     better = (hi < 0) if key == "loss" else (lo > 0)
                     worse = (lo > 0) if key == "loss" else (hi < 0)
-                    verdict = "L-MoE better" if better else "LoRA better" if worse else "no significant difference"
-                    seeds = " ".join(f"{per_seed_difference(runs[m][k], runs['lora'][k], t, key):+.3f}"
-                                     for k in sorted(set(runs[m]) & set(runs["lora"])))
-                    out.append(f"| {m} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {seeds} | {verdict} |")
+                    verdict = f"{a} better" if better else f"{b} better" if worse else "no significant difference"
+                    seeds = " ".join(f"{per_seed_difference(runs[a][k], runs[b][k], t, key):+.3f}"
+                                     for k in sorted(set(runs[a]) & set(runs[b])))
+                    out.append(f"| {a} − {b} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {seeds} | "
+                               f"{verdict} |")
     return "\n".join(out) + "\n"
 
 

@@ -219,7 +219,8 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     runs.mkdir()
     settings = {"lr": 3e-4, "lr_by_method": {"lora": 1e-3, "lmoe": 3e-3}}
     for method, seed, loss, acc, rows in (("lora", 0, 0.5, 0.75, [0.5, 0.5]), ("lmoe", 0, 0.375, 0.75, [0.25, 0.5]),
-                                          ("lora", 1, 0.5, 0.75, [0.5, 0.5]), ("lmoe", 1, 0.5, 0.75, [0.5, 0.5])):
+                                          ("lora", 1, 0.5, 0.75, [0.5, 0.5]), ("lmoe", 1, 0.5, 0.75, [0.5, 0.5]),
+                                          ("lmoe-top2", 0, 0.25, 0.75, [0.25, 0.25])):
         metrics = {"boolq": {"test_loss": loss, "accuracy": acc, "perplexity": 1.6, "examples": 2,
                              "per_example": {"loss": rows, "accuracy": [1, 0]}}}
         (runs / f"{method}-seed{seed}.json").write_text(json.dumps({
@@ -236,8 +237,12 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "| lora | 2 | 0.001 | 10 | 5 | 1.0 |" in text and "| lmoe | 2 | 0.003 | 10 | 5 | 1.0 |" in text
     assert ("the collapse detector's threshold): lmoe seed 1: 1 (lowest: 1.mlp.down_proj 0.25).\n" in text)
     # lmoe - lora per example: seed 0 [-0.25, 0], seed 1 [0, 0]; averaged over seeds [-0.125, 0]
-    assert ("| lmoe | boolq | loss | -0.0625 | [-0.1250, +0.0000] | -0.125 +0.000 | no significant difference |"
-            in text)
+    assert ("| lmoe − lora | boolq | loss | -0.0625 | [-0.1250, +0.0000] | -0.125 +0.000 | no significant "
+            "difference |" in text)
+    assert "| lmoe − lora | boolq | accuracy | +0.0000 | [+0.0000, +0.0000] | +0.000 +0.000 |" in text
+    # the variant against plain L-MoE on their shared seed 0: [0.25, 0.25] - [0.25, 0.5] = [0, -0.25]
+    assert "| lmoe-top2 − lmoe | boolq | loss | -0.1250 | [-0.2500, +0.0000] | -0.125 | no significant" in text
+    assert "lora-r" not in text  # a pair is compared only when both methods have runs
     assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
     tuned = tmp_path / "tuned.md"
     tuned.write_text("<!-- report:start -->\nkeep\n<!-- report:end -->\n<!-- report-tuned:start -->\nold\n"
