@@ -243,6 +243,7 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     # the variant against plain L-MoE on their shared seed 0: [0.25, 0.25] - [0.25, 0.5] = [0, -0.25]
     assert "| lmoe-top2 − lmoe | boolq | loss | -0.1250 | [-0.2500, +0.0000] | -0.125 | no significant" in text
     assert "lora-r" not in text  # a pair is compared only when both methods have runs
+    assert "\n6 intervals: at 95 % about 0.3 of them would exclude 0 by chance alone" in text  # 3 pairs x loss, acc
     assert "**1.5000**" in text and text.endswith("<!-- sweep:end -->\nend\n")
     tuned = tmp_path / "tuned.md"
     tuned.write_text("<!-- report:start -->\nkeep\n<!-- report:end -->\n<!-- report-tuned:start -->\nold\n"
