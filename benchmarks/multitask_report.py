@@ -127,6 +127,7 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
                    "scores: positive = `a` better):\n")
         out.append("| a − b | task | metric | difference | 95% interval | per seed | verdict |")
         out.append("|---|---|---|---:|---|---|---|")
+        rows = 0
         for a, b in pairs:
             for t in tasks:
                 for key in ("loss", MAIN.get(t)):
@@ -143,7 +144,7 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
                                      for k in sorted(set(runs[a]) & set(runs[b])))
                     out.append(f"| {a} − {b} | {t} | {key} | {est:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {seeds} | "
                                f"{verdict} |")
-        rows = sum(1 for line in out if line.startswith(tuple(f"| {a} − {b} |" for a, b in pairs)))
+                    rows += 1
         out.append(f"\n{rows} intervals: at 95 % about {rows / 20:.1f} of them would exclude 0 by chance alone "
                    "if no pair differed, so read a lone verdict with the per-seed column.")
     return "\n".join(out) + "\n"

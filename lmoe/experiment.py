@@ -264,7 +264,7 @@ def run_one(method: str, seed: int, profile: Profile, out_dir: Path, work_dir: P
     train_s = tr.train_s if method != "base" else time.time() - t0
     t1 = time.time()
     metrics, routing, cached_eval_s = evaluate_suite(tr.model, tr.tokenizer, profile, progress=progress,
-                                              cache_dir=None if method == "base" else run_dir)
+                                                     cache_dir=None if method == "base" else run_dir)
     result = {"method": method, "seed": seed, "profile": profile.name, "trainable_params": tr.trainable_params,
               "train_tokens": tr.train_tokens, "metrics": metrics,
               "train_wall_s": round(train_s, 1), "total_wall_s": round(train_s + cached_eval_s + time.time() - t1, 1),
