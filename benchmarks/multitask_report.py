@@ -75,6 +75,27 @@ def per_seed_difference(a: dict, b: dict, task: str, key: str) -> float:
     return statistics.mean(x - y for x, y in zip(pa, pb))
 
 
+def reference_scores(counts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Accuracy of two answer-blind guessers on the first ``counts[task]`` bundled test rows of each choice task
+    (the rows the runs scored): ``chance`` picks a choice uniformly at random (expected accuracy), ``majority``
+    always picks the most frequent gold choice position (boolq: " yes")."""
+    from collections import Counter
+
+    from lmoe.dataset import BUNDLED_DATA, load_examples
+
+    rows: dict[str, list] = {}
+    for ex in load_examples([BUNDLED_DATA], split="test"):
+        rows.setdefault(ex["task"], []).append(ex)
+    out = {}
+    for task, n in counts.items():
+        picked = rows.get(task, [])[:n]
+        if len(picked) != n or not all("choices" in ex and "label" in ex for ex in picked):
+            continue  # not a choice task, or not the bundled rows
+        out[task] = {"chance": statistics.mean(1 / len(ex["choices"]) for ex in picked),
+                     "majority": Counter(ex["label"] for ex in picked).most_common(1)[0][1] / n}
+    return out
+
+
 def report(runs: dict[str, dict[int, dict]]) -> str:
     methods = [m for m in ORDER if m in runs] + sorted(set(runs) - set(ORDER))
     tasks = sorted({t for m in runs.values() for r in m.values() for t in r["metrics"]})
@@ -114,6 +135,12 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
         cells = [mean_std([r["metrics"][t][MAIN.get(t, "test_loss")] for r in runs[m].values()
                            if MAIN.get(t, "test_loss") in r["metrics"].get(t, {})]) for t in tasks]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+    refs = reference_scores({t: r["metrics"][t]["examples"] for t in tasks if MAIN.get(t) == "accuracy"
+                             for r in [any_run] if "examples" in r["metrics"].get(t, {})})
+    for key, label in (("chance", "*chance (uniform guess)*"), ("majority", "*majority choice*")):
+        if refs:
+            out.append(f"| {label} | " + " | ".join(f"{refs[t][key]:.3f}" if t in refs else "–" for t in tasks)
+                       + " |")
     out.append("\nTest loss on answer tokens (mean ± std over seeds, lower is better):\n")
     out.append("| method | " + " | ".join(tasks) + " |")
     out.append("|---|" + "---:|" * len(tasks))

@@ -91,6 +91,18 @@ SWEEP = {
     "lmoe-aux1e-1": ("lmoe", {"lr": 3e-3, "aux_loss_coef": 1e-1}),  # added: the tuned run's last layers collapse
     "lmoe-N4r16": ("lmoe", {"lr": 3e-3, "num_experts": 4, "rank": 16}),
     "lmoe-N16r4": ("lmoe", {"lr": 3e-3, "num_experts": 16, "rank": 4}),
+    # Added in session 5: the rates the cpu-tuned profile first borrowed (lora-r from lora, the variants from
+    # lmoe), now checked on the same validation split.
+    "lora-r-lr3e-4": ("lora-r", {"lr": 3e-4}),
+    "lora-r-lr1e-3": ("lora-r", {"lr": 1e-3}),
+    "lora-r-lr3e-3": ("lora-r", {"lr": 3e-3}),
+    "lora-r-lr1e-2": ("lora-r", {"lr": 1e-2}),
+    "lmoe-factor-lr1e-3": ("lmoe-factor", {"lr": 1e-3}),
+    "lmoe-factor-lr3e-3": ("lmoe-factor", {"lr": 3e-3}),
+    "lmoe-factor-lr1e-2": ("lmoe-factor", {"lr": 1e-2}),
+    "lmoe-top2-lr1e-3": ("lmoe-top2", {"lr": 1e-3}),
+    "lmoe-top2-lr3e-3": ("lmoe-top2", {"lr": 3e-3}),
+    "lmoe-top2-lr1e-2": ("lmoe-top2", {"lr": 1e-2}),
 }
 
 

@@ -192,18 +192,31 @@ def test_sweep_rejects_unknown_points(capsys):
     assert "unknown sweep point(s) lmoe-lr9; known: lora-lr3e-4" in capsys.readouterr().err
 
 
+def test_sweep_point_names_match_their_settings():
+    for name, (method, overrides) in experiment.SWEEP.items():
+        assert method in experiment.METHODS and name.startswith(method + "-"), name
+        if "-lr" in name:  # an lr point: its name states its rate
+            assert float(name.rsplit("-lr", 1)[1]) == overrides["lr"], name
+    assert {m for m, _ in experiment.SWEEP.values()} == {"lora", "lora-r", "lmoe", "lmoe-factor", "lmoe-top2"}
+
+
 def test_targets_are_every_llama_projection():
     names = {n.rsplit(".", 1)[-1] for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear)}
     assert set(TARGETS) == names - {"lm_head"}
 
 
-def test_reports_rewrite_marked_blocks(tmp_path):
+def _load_report_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("mr", experiment.Path(__file__).parents[1] / "benchmarks" /
                                                   "multitask_report.py")
     mr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mr)
+    return mr
+
+
+def test_reports_rewrite_marked_blocks(tmp_path):
+    mr = _load_report_module()
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     for name, lr, losses in (("lmoe-lr1e-3", 1e-3, [1.0, 2.0]), ("lmoe-lr3e-4", 3e-4, [1.5, 2.5])):
@@ -234,6 +247,8 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     text = doc.read_text()
     assert "\nold\n" not in text and text.startswith("intro\n<!-- report:start -->\nProfile `cpu`")
     assert "| lora | 0.750 ± 0.000 |" in text and "| lmoe | 0.438 ± 0.088 |" in text  # main score, test loss
+    # answer-blind guessers on the first 2 bundled boolq test rows (labels no, yes)
+    assert "| *chance (uniform guess)* | 0.500 |\n| *majority choice* | 0.500 |\n" in text
     assert "| lora | 2 | 0.001 | 10 | 5 | 1.0 |" in text and "| lmoe | 2 | 0.003 | 10 | 5 | 1.0 |" in text
     assert ("the collapse detector's threshold): lmoe seed 1: 1 (lowest: 1.mlp.down_proj 0.25).\n" in text)
     # lmoe - lora per example: seed 0 [-0.25, 0], seed 1 [0, 0]; averaged over seeds [-0.125, 0]
@@ -255,6 +270,14 @@ def test_reports_rewrite_marked_blocks(tmp_path):
                            "Profile `cpu`") and "\nold\n" not in text
     with pytest.raises(SystemExit, match="markers <!-- nope:start --> / <!-- nope:end --> not found"):
         mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--block", "nope", "--update", str(tuned)])
+
+
+def test_reference_scores_of_the_bundled_test_rows():
+    mr = _load_report_module()
+    # first 100 rows: boolq 59 " yes" / 41 " no"; arc_easy 4 choices each, gold position 3 in 30 of them
+    assert mr.reference_scores({"boolq": 100, "arc_easy": 100, "gsm8k": 25}) == {
+        "boolq": {"chance": 0.5, "majority": 0.59}, "arc_easy": {"chance": 0.25, "majority": 0.3}}
+    assert mr.reference_scores({"boolq": 10**6}) == {}  # more rows than the file: not the rows a run scored
 
 
 def test_tuned_profile_lr_per_method_and_its_own_folder(tiny_dir, tmp_path, monkeypatch):
