@@ -284,6 +284,8 @@ def test_tuned_profile_lr_per_method_and_its_own_folder(tiny_dir, tmp_path, monk
     tuned = PROFILES["cpu-tuned"]
     assert (tuned.lr_for("lmoe"), tuned.lr_for("lora"), tuned.lr_for("base")) == (3e-3, 1e-3, 3e-4)
     assert PROFILES["cpu"].lr_for("lmoe") == 3e-4
+    # the sweep's picks (docs/results.md): rank-8 LoRA at 3e-3 like L-MoE; the gpu profile takes the same rates
+    assert tuned.lr_for("lora-r") == 3e-3 and PROFILES["gpu"].lr_by_method == tuned.lr_by_method
     small = replace(tuned, seq_len=48, batch_size=2, max_steps=1, eval_limit=1, gen_limit=1, max_new_tokens=2,
                     model=tiny_dir)
     monkeypatch.setitem(PROFILES, "cpu-tuned", small)
