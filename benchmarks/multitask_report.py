@@ -96,14 +96,26 @@ def reference_scores(counts: dict[str, int]) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_lr(run: dict, method: str) -> float:
+    st = run.get("settings", {})
+    return st.get("lr_by_method", {}).get(method, st.get("lr", float("nan")))
+
+
 def report(runs: dict[str, dict[int, dict]]) -> str:
     methods = [m for m in ORDER if m in runs] + sorted(set(runs) - set(ORDER))
     tasks = sorted({t for m in runs.values() for r in m.values() for t in r["metrics"]})
     out = []
     any_run = next(iter(next(iter(runs.values())).values()))
     s = any_run.get("settings", {})
-    lrs = s.get("lr_by_method") or {}
-    lr = ", ".join(f"{m} {v:g}" for m, v in lrs.items()) if lrs else f"{s.get('lr')}"
+    for m in methods:
+        rates = {k: run_lr(r, m) for k, r in sorted(runs[m].items())}
+        if len(set(rates.values())) > 1:
+            raise SystemExit(f"{m}: its runs used different learning rates ("
+                             + ", ".join(f"seed {k} {v:g}" for k, v in rates.items())
+                             + "); remove the stale result files before pooling them")
+    # each method's rate as its own runs recorded it (a method re-run at a new rate must not show the old one)
+    lrs = {m: run_lr(next(iter(runs[m].values())), m) for m in methods if m != "base"}
+    lr = ", ".join(f"{m} {v:g}" for m, v in lrs.items()) if len(set(lrs.values())) > 1 else f"{s.get('lr')}"
     out.append(f"Profile `{any_run['profile']}`: {s.get('max_steps')} steps × batch {s.get('batch_size')}, "
                f"sequence length {s.get('seq_len')}, lr {lr} (cosine), N={s.get('num_experts')}, "
                f"r={s.get('rank')}; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
@@ -112,8 +124,7 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
     out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for m in methods:
         rs = list(runs[m].values())
-        st = rs[0].get("settings", {})
-        lr = "–" if m == "base" else f"{st.get('lr_by_method', {}).get(m, st.get('lr', float('nan'))):g}"
+        lr = "–" if m == "base" else f"{run_lr(rs[0], m):g}"
         out.append(f"| {m} | {len(rs)} | {lr} | {rs[0]['trainable_params']:,} | {rs[0]['train_tokens']:,} | "
                    f"{statistics.mean(r['total_wall_s'] for r in rs) / 60:.1f} |")
     collapse = [(m, k, r["collapsed_layers"]) for m in methods for k, r in sorted(runs[m].items())

@@ -249,6 +249,7 @@ def test_reports_rewrite_marked_blocks(tmp_path):
     assert "| lora | 0.750 ± 0.000 |" in text and "| lmoe | 0.438 ± 0.088 |" in text  # main score, test loss
     # answer-blind guessers on the first 2 bundled boolq test rows (labels no, yes)
     assert "| *chance (uniform guess)* | 0.500 |\n| *majority choice* | 0.500 |\n" in text
+    assert "lr lora 0.001, lmoe 0.003, lmoe-top2 0.0003 (cosine)" in text  # each method's own recorded rate
     assert "| lora | 2 | 0.001 | 10 | 5 | 1.0 |" in text and "| lmoe | 2 | 0.003 | 10 | 5 | 1.0 |" in text
     assert ("the collapse detector's threshold): lmoe seed 1: 1 (lowest: 1.mlp.down_proj 0.25).\n" in text)
     # lmoe - lora per example: seed 0 [-0.25, 0], seed 1 [0, 0]; averaged over seeds [-0.125, 0]
@@ -270,6 +271,12 @@ def test_reports_rewrite_marked_blocks(tmp_path):
                            "Profile `cpu`") and "\nold\n" not in text
     with pytest.raises(SystemExit, match="markers <!-- nope:start --> / <!-- nope:end --> not found"):
         mr.main(["--dir", str(runs), "--sweep-dir", str(sweep), "--block", "nope", "--update", str(tuned)])
+    stale = json.loads((runs / "lora-seed1.json").read_text())
+    stale["settings"] = {"lr": 3e-4}  # a run left from before lora's rate changed
+    (runs / "lora-seed1.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match=r"^lora: its runs used different learning rates \(seed 0 0.001, seed 1 "
+                                         r"0.0003\); remove the stale result files before pooling them$"):
+        mr.report(mr.load(runs))
 
 
 def test_reference_scores_of_the_bundled_test_rows():
