@@ -81,11 +81,9 @@ def reference_scores(counts: dict[str, int]) -> dict[str, dict[str, float]]:
     always picks the most frequent gold choice position (boolq: " yes")."""
     from collections import Counter
 
-    from lmoe.dataset import BUNDLED_DATA, load_examples
+    from lmoe.experiment import bundled_test_rows
 
-    rows: dict[str, list] = {}
-    for ex in load_examples([BUNDLED_DATA], split="test"):
-        rows.setdefault(ex["task"], []).append(ex)
+    rows = bundled_test_rows()
     out = {}
     for task, n in counts.items():
         picked = rows.get(task, [])[:n]
@@ -115,7 +113,8 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
                              + "); remove the stale result files before pooling them")
     # each method's rate as its own runs recorded it (a method re-run at a new rate must not show the old one)
     lrs = {m: run_lr(next(iter(runs[m].values())), m) for m in methods if m != "base"}
-    lr = ", ".join(f"{m} {v:g}" for m, v in lrs.items()) if len(set(lrs.values())) > 1 else f"{s.get('lr')}"
+    lr = (", ".join(f"{m} {v:g}" for m, v in lrs.items()) if len(set(lrs.values())) > 1
+          else f"{next(iter(lrs.values()), s.get('lr')):g}")
     out.append(f"Profile `{any_run['profile']}`: {s.get('max_steps')} steps × batch {s.get('batch_size')}, "
                f"sequence length {s.get('seq_len')}, lr {lr} (cosine), N={s.get('num_experts')}, "
                f"r={s.get('rank')}; test subsets: first {s.get('eval_limit') or 'all'} rows per task for loss/"
@@ -146,12 +145,10 @@ def report(runs: dict[str, dict[int, dict]]) -> str:
         cells = [mean_std([r["metrics"][t][MAIN.get(t, "test_loss")] for r in runs[m].values()
                            if MAIN.get(t, "test_loss") in r["metrics"].get(t, {})]) for t in tasks]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    refs = reference_scores({t: r["metrics"][t]["examples"] for t in tasks if MAIN.get(t) == "accuracy"
-                             for r in [any_run] if "examples" in r["metrics"].get(t, {})})
-    for key, label in (("chance", "*chance (uniform guess)*"), ("majority", "*majority choice*")):
-        if refs:
-            out.append(f"| {label} | " + " | ".join(f"{refs[t][key]:.3f}" if t in refs else "–" for t in tasks)
-                       + " |")
+    refs = reference_scores({t: any_run["metrics"][t]["examples"] for t in tasks
+                             if MAIN.get(t) == "accuracy" and "examples" in any_run["metrics"].get(t, {})})
+    for key, label in (("chance", "*chance (uniform guess)*"), ("majority", "*majority choice*")) if refs else ():
+        out.append(f"| {label} | " + " | ".join(f"{refs[t][key]:.3f}" if t in refs else "–" for t in tasks) + " |")
     out.append("\nTest loss on answer tokens (mean ± std over seeds, lower is better):\n")
     out.append("| method | " + " | ".join(tasks) + " |")
     out.append("|---|" + "---:|" * len(tasks))

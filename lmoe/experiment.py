@@ -301,16 +301,22 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def bundled_test_rows() -> dict[str, list[dict]]:
+    """The bundled test rows grouped by task, in file order (a profile scores the first ``eval_limit`` of each)."""
+    from .dataset import BUNDLED_DATA, load_examples
+
+    by_task: dict[str, list] = {}
+    for ex in load_examples([BUNDLED_DATA], split="test"):
+        by_task.setdefault(ex["task"], []).append(ex)
+    return by_task
+
+
 def evaluate_suite(model, tok, profile: Profile, progress: bool = True, cache_dir: Path | None = None):
     """Per-task test metrics in the experiment's JSON shape, the mean routing entropy (lmoe only) and the
     seconds a cached loss pass took when it ran (``cache_dir/eval-loss.json``: kept, and reused if there)."""
-    from .dataset import BUNDLED_DATA, load_examples
     from .evaluate import evaluate
 
-    examples = load_examples([BUNDLED_DATA], split="test")
-    by_task: dict[str, list] = {}
-    for ex in examples:
-        by_task.setdefault(ex["task"], []).append(ex)
+    by_task = bundled_test_rows()
     cut = lambda rows, k: rows[:k] if k else rows  # noqa: E731
     loss_rows = [ex for rows in by_task.values() for ex in cut(rows, profile.eval_limit)]
     cached = cache_dir / "eval-loss.json" if cache_dir is not None else None
